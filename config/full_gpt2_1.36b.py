@@ -1,0 +1,27 @@
+# GPT-2 style 1.27B (18 layers, width 2304): ~20 tokens per parameter.
+# Launch on 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/full_gpt2_1.36b.py
+# gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 24 x 1024 x 64
+# = 1,572,864 tokens per step, and 17,166 steps make 27.0B tokens.
+out_dir = "out-gpt2-1.36b"
+dataset = "slimpajama_6b_gpt2"
+preset = "full_gpt2_1.36b"
+block_size = 1024
+batch_size = 24
+gradient_accumulation_steps = 64
+max_iters = 17166
+lr_decay_iters = 17166
+warmup_iters = 2000
+learning_rate = 0.0003
+min_lr = 3e-05
+lr_schedule = "cosine"
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+dtype = "bfloat16"
+compile = True
+eval_interval = 1000
+eval_iters = 100
+log_interval = 10
+gradient_log_interval = 500
+keep_last_n_checkpoints = 3

@@ -1,0 +1,93 @@
+"""Causal self-attention backends.
+
+Every backend takes q (B, T, H, D) and k, v (B, T, KV, D) with H a multiple of KV (grouped-query attention)
+and returns (B, T, H, D). `manual` is the reference: an explicit masked softmax anyone can check by eye.
+`sdpa` is torch's scaled_dot_product_attention, `flash_attn_2` is Tri Dao's flash-attn package (CUDA, half
+precision only). A backend that cannot run where it was asked for fails with the reason and the fix; there is
+no silent fallback. `auto` picks flash_attn_2 where it can run and sdpa otherwise, and says what it chose.
+"""
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("manual", "sdpa", "flash_attn_2")
+
+
+def manual_attention(q, k, v, dropout_p=0.0):
+    B, T, H, D = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    rep = H // k.size(1)
+    if rep > 1:  # every group of `rep` query heads shares one key/value head
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~causal, float("-inf"))
+    att = F.softmax(att.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    return (att @ v).transpose(1, 2)  # (B, T, nh, hs)
+
+
+def sdpa_attention(q, k, v, dropout_p=0.0):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    gqa = q.size(1) != k.size(1)
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def flash_attention(q, k, v, dropout_p=0.0):
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(
+            f"attention_backend=flash_attn_2 needs CUDA tensors in bfloat16 or float16, got {q.device.type} "
+            f"{q.dtype}; use --dtype=bfloat16 on a GPU, or --attention_backend=sdpa"
+        )
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # GQA and (B, T, H, D) natively
+
+
+ATTENTION_FNS = {"manual": manual_attention, "sdpa": sdpa_attention, "flash_attn_2": flash_attention}
+
+
+def flash_attn_available():
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(name, device_type, dtype):
+    """Check at start-up that backend `name` can run on this device and dtype; resolve `auto`.
+
+    Returns (backend, reason) where reason says why `auto` chose what it chose (None otherwise).
+    `dtype` is the compute dtype: a torch.dtype or one of 'float32', 'bfloat16', 'float16'.
+    """
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    half = dtype in ("bfloat16", "float16")
+    if name == "auto":
+        if device_type == "cuda" and half and flash_attn_available():
+            return "flash_attn_2", "auto: flash-attn is installed and the run is CUDA in half precision"
+        why = ("flash-attn is not installed" if not flash_attn_available()
+               else "the run is not CUDA in bfloat16/float16")
+        return "sdpa", f"auto: sdpa, because {why}"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention_backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
+    if name == "flash_attn_2":
+        if not flash_attn_available():
+            raise RuntimeError(
+                "attention_backend=flash_attn_2 but the flash-attn package is not installed; "
+                "install it with `pip install flash-attn --no-build-isolation` (needs CUDA and nvcc), "
+                "or use --attention_backend=sdpa"
+            )
+        if device_type != "cuda":
+            raise RuntimeError(
+                f"attention_backend=flash_attn_2 runs only on CUDA, but device is {device_type}; "
+                "use --attention_backend=sdpa"
+            )
+        if not half:
+            raise RuntimeError(
+                f"attention_backend=flash_attn_2 needs bfloat16 or float16, but dtype is {dtype}; "
+                "use --dtype=bfloat16 or --attention_backend=sdpa"
+            )
+    return name, None

@@ -1,0 +1,245 @@
+"""Training configuration: one typed schema, Python config files of plain assignments, --key=value overrides.
+
+Config files run in a namespace of their own (never the trainer's globals); every public name they leave behind
+must be a known key of the right type. Command-line values are converted to the declared type. A typo gets a
+did-you-mean, a wrong type names the key, the value and the type wanted.
+"""
+import difflib
+import os
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+def key(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # I/O and run control
+    out_dir: str = key("out", "where checkpoints, the resolved config and JSON run logs go")
+    dataset: str = key("shakespeare_char", "data/<dataset>/ folder (or a path) with train.bin, val.bin, meta.json")
+    init_from: str = key("scratch", "scratch | resume (newest checkpoint in out_dir) | a local transformers dir")
+    eval_only: bool = key(False, "evaluate train and val loss once, then exit")
+    objective: str = key("pretrain", "pretrain (sft and dpo: not yet supported)")
+    max_iters: int = key(5000, "optimizer steps in the whole run")
+    eval_interval: int = key(250, "evaluate (and checkpoint) every this many steps")
+    eval_iters: int = key(200, "batches per split in each evaluation")
+    log_interval: int = key(10, "console line and run-log record every this many steps")
+    gradient_log_interval: int = key(100, "per-layer gradient norms into the run log every this many steps; 0: off")
+    always_save_checkpoint: bool = key(True, "checkpoint at every evaluation, not only when val loss improves")
+    keep_last_n_checkpoints: int = key(3, "delete older checkpoints beyond this many; 0 keeps all")
+    # batch
+    batch_size: int = key(12, "sequences per micro-batch (per device)")
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
+    block_size: int | None = key(None, "sequence length; None: the model's block_size")
+    # numerics and speed
+    device: str = key("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = key("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 elsewhere)")
+    compile: bool = key(False, "torch.compile the model")
+    attention_backend: str = key("auto", "auto | manual | sdpa | flash_attn_2")
+    use_zero1: bool = key(False, "shard optimizer state across ranks (ZeRO-1) (not yet supported)")
+    use_fsdp: bool = key(False, "FSDP2 fully_shard per block and root (not yet supported)")
+    use_cuda_graphs: bool = key(False, "capture the training step as a CUDA graph (not yet supported)")
+    activation_checkpointing: bool = key(False, "recompute each block in backward (not yet supported)")
+    use_dataloader: bool = key(False, "feed batches through a torch DataLoader with workers and pinned memory")
+    dataloader_num_workers: int = key(2, "DataLoader worker processes when use_dataloader=True")
+    peak_flops: float | None = key(None, "peak FLOP/s per device for MFU; None: look the device up (none on CPU)")
+    # optimizer and schedule
+    learning_rate: float = key(6e-4, "peak learning rate")
+    min_lr: float = key(6e-5, "learning rate at the end of decay")
+    warmup_iters: int = key(100, "linear warm-up steps")
+    warmup_ratio: float | None = key(None, "warm-up as a fraction of max_iters; overrides warmup_iters when set")
+    lr_decay_iters: int | None = key(None, "step at which decay reaches min_lr; None: max_iters")
+    lr_schedule: str = key("cosine", "cosine | linear | constant | wsd (warmup-stable-decay)")
+    wsd_decay_ratio: float = key(0.2, "wsd: fraction of lr_decay_iters spent in the final linear decay")
+    weight_decay: float = key(0.1, "AdamW decay on matrices and embeddings (never on norms and biases)")
+    beta1: float = key(0.9, "AdamW beta1")
+    beta2: float = key(0.95, "AdamW beta2")
+    grad_clip: float = key(1.0, "clip the global gradient norm to this; 0: off")
+    seed: int = key(1337, "seed of initialisation, data order and dropout")
+    # model: a preset, then any of its settings overridden
+    preset: str | None = key(None, "named model preset from model.py (e.g. gpt2, full_llama3_1.5b_optimal)")
+    n_layer: int | None = key(None, "transformer blocks")
+    n_head: int | None = key(None, "query heads")
+    n_kv_head: int | None = key(None, "key/value heads (GQA); None: the preset's, or n_head")
+    n_embd: int | None = key(None, "model width")
+    head_dim: int | None = key(None, "width of one head; None: n_embd // n_head")
+    intermediate_size: int | None = key(None, "MLP hidden width")
+    vocab_size: int | None = key(None, "vocabulary rows; None: the preset's, or the dataset's rounded up to 64")
+    dropout: float | None = key(None, "dropout on attention and residual paths")
+    bias: bool | None = key(None, "biases in linear layers and LayerNorm")
+    qkv_bias: bool | None = key(None, "biases on q, k, v only (Qwen2)")
+    norm: str | None = key(None, "layernorm | rmsnorm")
+    norm_eps: float | None = key(None, "norm epsilon")
+    mlp: str | None = key(None, "gelu | swiglu")
+    pos_encoding: str | None = key(None, "learned | rope")
+    rope_theta: float | None = key(None, "RoPE base")
+    rope_scaling_factor: float | None = key(None, "Llama-3.1 RoPE scaling factor")
+    qk_norm: bool | None = key(None, "RMSNorm on query and key heads (Qwen3)")
+    tie_embeddings: bool | None = key(None, "share the token table with the output projection")
+
+
+MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size", "vocab_size",
+              "dropout", "bias", "qkv_bias", "norm", "norm_eps", "mlp", "pos_encoding", "rope_theta",
+              "rope_scaling_factor", "qk_norm", "tie_embeddings")
+NOT_YET = {"use_zero1": "issue #5", "use_fsdp": "issue #5", "use_cuda_graphs": "issue #6",
+           "activation_checkpointing": "issue #6"}
+CHOICES = {"init_from": None, "objective": ("pretrain",), "device": None,
+           "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "attention_backend": ("auto", "manual", "sdpa", "flash_attn_2"),
+           "lr_schedule": ("cosine", "linear", "constant", "wsd")}
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def type_name(tp):
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join("None" if a is type(None) else a.__name__ for a in args)
+    return tp.__name__
+
+
+def coerce(name, value, tp, from_text=True):
+    """Convert `value` to type `tp`: a string from the command line is parsed (from_text), a Python value from a
+    config file must already be of the type (an int is accepted for a float)."""
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if not from_text and isinstance(value, str) and str not in args:
+        raise ConfigError(f"{name}={value!r} is not a valid {type_name(tp)}")
+    if value is None or (from_text and value == "None"):
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{name}=None is not allowed: expected {type_name(tp)}")
+    base = next(a for a in args if a is not type(None))
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                v = float(value) if any(c in value for c in ".eE") else int(value, 10)
+                if isinstance(v, float) and not v.is_integer():
+                    raise ValueError
+                return int(v)
+            raise ValueError
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+            raise ValueError
+        if base is str:
+            if isinstance(value, str):
+                return value
+            raise ValueError
+    except ValueError:
+        pass
+    raise ConfigError(f"{name}={value!r} is not a valid {type_name(tp)}")
+
+
+def unknown_key(name):
+    close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; `python train.py --help` lists every key"
+    return ConfigError(f"unknown config key {name!r}{hint}")
+
+
+def load_config_file(path):
+    """Run a config file in its own namespace and return its public assignments."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        source = f.read()
+    namespace = {"__file__": os.path.abspath(path)}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def parse_args(argv):
+    """Config files and --key=value overrides, applied left to right over the defaults."""
+    values = {}
+    sources = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, raw = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"override {arg!r} has no value; write --{name}=VALUE")
+            name = name.replace("-", "_")
+            if name not in FIELDS:
+                raise unknown_key(name)
+            values[name] = coerce(name, raw, FIELDS[name].type)
+        else:
+            sources.append(arg)
+            for name, v in load_config_file(arg).items():
+                if name not in FIELDS:
+                    raise ConfigError(f"in {arg}: {unknown_key(name)}")
+                try:
+                    values[name] = coerce(name, v, FIELDS[name].type, from_text=False)
+                except ConfigError as e:
+                    raise ConfigError(f"in {arg}: {e}") from None
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    for name, allowed in CHOICES.items():
+        if allowed and getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    if cfg.use_zero1 and cfg.use_fsdp:
+        raise ConfigError("use_zero1 and use_fsdp are exclusive: FSDP already shards optimizer state")
+    for name, where in NOT_YET.items():
+        if getattr(cfg, name):
+            raise ConfigError(f"{name}=True is not yet supported ({where}); leave it False")
+    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
+                 "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("gradient_log_interval", "keep_last_n_checkpoints", "warmup_iters", "dataloader_num_workers"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.block_size is not None and cfg.block_size < 1:
+        raise ConfigError(f"block_size must be at least 1, got {cfg.block_size}")
+    if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if not 0 < cfg.wsd_decay_ratio <= 1:
+        raise ConfigError(f"wsd_decay_ratio must be in (0, 1], got {cfg.wsd_decay_ratio}")
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
+        raise ConfigError(f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate="
+                          f"{cfg.learning_rate}, min_lr={cfg.min_lr}")
+    if cfg.grad_clip < 0:
+        raise ConfigError(f"grad_clip must not be negative, got {cfg.grad_clip}")
+    if cfg.peak_flops is not None and cfg.peak_flops <= 0:
+        raise ConfigError(f"peak_flops must be positive FLOP/s, e.g. 989e12, got {cfg.peak_flops}")
+
+
+def config_dict(cfg):
+    return asdict(cfg)
+
+
+def help_text():
+    lines = ["usage: python train.py [config.py ...] [--key=value ...]",
+             "Config files and overrides apply left to right over these defaults:", ""]
+    width = max(len(n) for n in FIELDS)
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        lines.append(f"  --{f.name:<{width}} {default!r:<18} {f.metadata['help']}")
+    return "\n".join(lines)

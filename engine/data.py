@@ -1,0 +1,151 @@
+"""Pretraining data: memory-mapped token bins and deterministic batches.
+
+A dataset folder holds flat token arrays (train.bin and val.bin, or shards train_000000.bin, ...) and meta.json
+(vocab_size, dtype, tokenizer, eot id, the files of each split; engine/prepare.py writes it). Training windows are
+a pure function of (seed, iteration, micro-step, rank): a resumed run draws exactly the batches an uninterrupted
+run would have drawn, with no sampler state to save.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+TRAIN, VAL, EVAL = 0, 1, 2  # stream tags mixed into the seed, so train, eval-train and val draws never coincide
+
+
+class DataError(ValueError):
+    """A problem with a dataset on disk; the message names the file."""
+
+
+def resolve_dataset_dir(dataset, root="data"):
+    if os.path.isdir(dataset):
+        return dataset
+    path = os.path.join(root, dataset)
+    if os.path.isdir(path):
+        return path
+    raise DataError(f"dataset {dataset!r} not found: neither {dataset!r} nor {path!r} is a folder; "
+                    f"run the dataset's prepare.py (e.g. python data/{dataset}/prepare.py) first")
+
+
+class TokenDataset:
+    """The memory-mapped splits of one dataset folder, checked against its metadata and the model's vocabulary."""
+
+    def __init__(self, folder, vocab_limit=None, check_ids=True):
+        self.folder = folder
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise DataError(f"{meta_path} is missing; run the dataset's prepare.py to create it")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta_path} is not valid JSON ({e}); re-run prepare.py with --force") from e
+        for k in ("vocab_size", "dtype", "splits"):
+            if k not in self.meta:
+                raise DataError(f"{meta_path} lacks {k!r}; re-run prepare.py with --force")
+        if self.meta["dtype"] not in DTYPES:
+            raise DataError(f"{meta_path}: dtype {self.meta['dtype']!r} is not uint16 or uint32")
+        self.dtype = DTYPES[self.meta["dtype"]]
+        self.vocab_size = int(self.meta["vocab_size"])
+        if vocab_limit is not None and self.vocab_size > vocab_limit:
+            raise DataError(f"{meta_path}: the tokenizer's vocab_size {self.vocab_size} exceeds the model's "
+                            f"vocab_size {vocab_limit}; set --vocab_size={self.vocab_size} or larger")
+        self.splits = {}
+        for split in ("train", "val"):
+            info = self.meta["splits"].get(split)
+            if not info or not info.get("files"):
+                raise DataError(f"{meta_path} lists no {split} split; re-run prepare.py with a {split} split")
+            self.splits[split] = [self._open(f, vocab_limit if check_ids else None) for f in info["files"]]
+            n = sum(len(a) for a in self.splits[split])
+            if "tokens" in info and n != info["tokens"]:
+                raise DataError(f"{folder}: the {split} files hold {n} tokens but meta.json says {info['tokens']}; "
+                                "the bins and metadata disagree, re-run prepare.py with --force")
+
+    def _open(self, name, vocab_limit):
+        path = os.path.join(self.folder, name)
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing (listed in meta.json); re-run prepare.py")
+        itemsize = np.dtype(self.dtype).itemsize
+        size = os.path.getsize(path)
+        if size % itemsize:
+            raise DataError(f"{path} has {size} bytes, not a whole number of {self.meta['dtype']} tokens; "
+                            "the file is truncated or of another dtype, re-run prepare.py")
+        if size == 0:
+            raise DataError(f"{path} is empty")
+        arr = np.memmap(path, dtype=self.dtype, mode="r")
+        if vocab_limit is not None:
+            top = max(int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24))
+            if top >= vocab_limit:
+                raise DataError(f"{path} holds token id {top}, outside the model's vocabulary of {vocab_limit}; "
+                                "the data was made with another tokenizer, or vocab_size is too small")
+        return arr
+
+
+class BatchSampler:
+    """Random windows of T+1 tokens; the draw for (iteration, micro-step, rank) depends on nothing else."""
+
+    def __init__(self, data: TokenDataset, batch_size, block_size, seed):
+        self.data, self.B, self.T, self.seed = data, batch_size, block_size, seed
+        self.weights = {}
+        for split, arrays in data.splits.items():
+            starts = np.array([len(a) - block_size - 1 for a in arrays], dtype=np.float64)
+            if (starts < 0).all():
+                raise DataError(f"{data.folder}: the {split} split is shorter than block_size + 1 = "
+                                f"{block_size + 1} tokens; use a smaller --block_size or more data")
+            starts = starts.clip(min=0)
+            self.weights[split] = starts / starts.sum()
+
+    def batch(self, split, iteration, micro_step=0, rank=0, stream=None):
+        """(x, y) int64 tensors of shape (B, T); y is x shifted by one token."""
+        stream = (TRAIN if split == "train" else VAL) if stream is None else stream
+        rng = np.random.default_rng([self.seed, stream, iteration, micro_step, rank])
+        arrays, w = self.data.splits[split], self.weights[split]
+        shard = rng.choice(len(arrays), size=self.B, p=w) if len(arrays) > 1 else np.zeros(self.B, dtype=int)
+        rows = []
+        for s in shard:
+            a = arrays[s]
+            i = int(rng.integers(0, len(a) - self.T))
+            rows.append(np.asarray(a[i:i + self.T + 1], dtype=np.int64))
+        xy = torch.from_numpy(np.stack(rows))
+        return xy[:, :-1], xy[:, 1:]
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """The training batches from `start_iter` on, one item per micro-step, for a DataLoader with workers."""
+
+    def __init__(self, sampler, start_iter, max_iters, micro_steps, rank=0):
+        self.sampler, self.start, self.micro, self.rank = sampler, start_iter, micro_steps, rank
+        self.n = (max_iters - start_iter) * micro_steps
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.sampler.batch("train", self.start + i // self.micro, i % self.micro, self.rank)
+
+
+def train_batches(sampler, start_iter, max_iters, micro_steps, device, rank=0, num_workers=0, use_dataloader=False):
+    """Yield the training micro-batches in order, already on `device`.
+
+    On CUDA the host tensors are pinned and copied without blocking, and the next batch is prepared while the
+    current one is in use; with use_dataloader a DataLoader's workers cut the windows.
+    """
+    cuda = torch.device(device).type == "cuda"
+    if use_dataloader:
+        ds = WindowDataset(sampler, start_iter, max_iters, micro_steps, rank)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                             pin_memory=cuda, prefetch_factor=4 if num_workers else None,
+                                             persistent_workers=num_workers > 0,
+                                             generator=torch.Generator())  # leave the global RNG (dropout) alone
+        source = iter(loader)
+    else:
+        source = (sampler.batch("train", it, m, rank) for it in range(start_iter, max_iters)
+                  for m in range(micro_steps))
+    for x, y in source:
+        if cuda:
+            if not x.is_pinned():
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield x, y

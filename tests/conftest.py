@@ -1,0 +1,33 @@
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def write_dataset(folder, vocab_size=61, n_train=40_000, n_val=8_000, dtype="uint16", seed=0):
+    """A learnable token stream (a noisy repeating ramp) as train.bin / val.bin / meta.json."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ramp = np.arange(n_train + n_val) % min(vocab_size, 50)
+    noise = rng.random(ramp.size) < 0.1
+    ramp[noise] = rng.integers(0, vocab_size, noise.sum())
+    tokens = ramp.astype(dtype)
+    tokens[:n_train].tofile(os.path.join(folder, "train.bin"))
+    tokens[n_train:].tofile(os.path.join(folder, "val.bin"))
+    meta = {"format": 1, "tokenizer": "synthetic", "vocab_size": vocab_size, "dtype": dtype, "eot_id": 0,
+            "bos_id": None, "splits": {"train": {"files": ["train.bin"], "tokens": n_train, "documents": 1},
+                                       "val": {"files": ["val.bin"], "tokens": n_val, "documents": 1}}}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_dataset(str(tmp_path / "data"))

@@ -1,0 +1,250 @@
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, write_dataset
+
+import train
+from engine.checkpoint import list_checkpoints, load_checkpoint
+from engine.config import ConfigError, parse_args
+from engine.data import BatchSampler, DataError, TokenDataset
+from engine.health import TrainingDiverged
+from model import GPT, ModelConfig
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--log_interval=1"]
+
+
+def run(dataset, out_dir, *extra, log=lambda *a: None):
+    cfg = parse_args(TINY + [f"--dataset={dataset}", f"--out_dir={out_dir}", *extra])
+    return train.main(cfg, log=log), cfg
+
+
+def losses_of(run_log):
+    return {r["iter"]: r["loss"] for r in json.load(open(run_log))["training_iterations"]}
+
+
+def test_gradient_accumulation_matches_big_batch():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=64))
+    x, y = torch.randint(0, 64, (8, 24)), torch.randint(0, 64, (8, 24))
+    train.pretrain_loss(model, (x, y)).backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for i in range(4):
+        (train.pretrain_loss(model, (x[2 * i:2 * i + 2], y[2 * i:2 * i + 2])) / 4).backward()
+    for g, p in zip(big, model.parameters()):
+        assert (g - p.grad).abs().max() < 1e-6
+
+
+def test_logged_loss_is_the_mean_over_micro_batches(dataset, tmp_path):
+    res, cfg = run(dataset, tmp_path / "o", "--max_iters=1", "--gradient_accumulation_steps=4", "--batch_size=2",
+                   "--eval_interval=1")
+    logged = losses_of(res["run_log"])[1]
+    torch.manual_seed(cfg.seed)  # the same initial model the run built
+    model = GPT(train.model_config(cfg, 61, "sdpa"))
+    sampler = BatchSampler(TokenDataset(dataset), 2, 32, cfg.seed)
+    with torch.no_grad():
+        micro = [train.pretrain_loss(model, sampler.batch("train", 0, m)).item() for m in range(4)]
+    assert abs(logged - np.mean(micro)) < 1e-6
+    assert np.std(micro) > 1e-3  # the micro-batches differ, so the last one alone would not do
+
+
+def test_training_lowers_the_loss(dataset, tmp_path):
+    res, _ = run(dataset, tmp_path / "o", "--max_iters=40", "--eval_interval=40")
+    losses = losses_of(res["run_log"])
+    assert losses[40] < losses[1] - 1.0
+    assert res["final"]["val"] < 3.0
+
+
+@pytest.mark.parametrize("dataloader", [False, True])
+def test_exact_resume(dataset, tmp_path, dataloader):
+    common = ["--lr_decay_iters=12", "--eval_interval=6", "--dropout=0.1", "--gradient_accumulation_steps=2",
+              "--gradient_log_interval=3"]
+    full, _ = run(dataset, tmp_path / "full", "--max_iters=12", *common)
+    run(dataset, tmp_path / "half", "--max_iters=6", *common)
+    resumed, _ = run(dataset, tmp_path / "half", "--max_iters=12", "--init_from=resume", *common,
+                     f"--use_dataloader={dataloader}", "--dataloader_num_workers=2")
+    a, b = losses_of(full["run_log"]), losses_of(resumed["run_log"])
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert all(a[i] == b[i] for i in a), (a, b)  # bit-identical in float32 on CPU
+    assert resumed["run_log"] == os.path.join(tmp_path / "half", os.path.basename(resumed["run_log"]))
+    doc = json.load(open(resumed["run_log"]))
+    assert doc["environment"]["resumes"][0]["iter"] == 6
+    assert [e["iter"] for e in doc["evals"]] == [0, 6, 12]
+
+
+def test_run_log_is_valid_json_mid_run_with_schema(dataset, tmp_path):
+    seen = []
+
+    def peek(msg):
+        paths = [p for p in os.listdir(tmp_path / "o") if p.startswith("run_") and p.endswith(".json")]
+        if paths:
+            seen.append(json.load(open(tmp_path / "o" / paths[0])))  # must parse at any moment
+
+    train.RunLog.MIN_INTERVAL = 0.0
+    try:
+        res, _ = run(dataset, tmp_path / "o", "--max_iters=6", "--eval_interval=3", "--gradient_log_interval=2",
+                     log=peek)
+    finally:
+        train.RunLog.MIN_INTERVAL = 5.0
+    assert len(seen) > 5
+    doc = json.load(open(res["run_log"]))
+    assert set(doc) >= {"config", "environment", "training_iterations", "evals", "gradient_norms", "summary"}
+    env = doc["environment"]
+    for k in ("torch_version", "device_name", "world_size", "attention_backend", "git_commit", "git_dirty",
+              "mfu_convention", "peak_flops"):
+        assert k in env
+    assert env["attention_backend"] == "sdpa" and env["peak_flops"] is None
+    rec = doc["training_iterations"][-1]
+    assert set(rec) == {"iter", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "mfu", "memory_allocated_gb",
+                        "memory_reserved_gb"}
+    assert rec["mfu"] is None  # CPU without a given peak
+    assert doc["evals"][-1].keys() == {"iter", "train_loss", "val_loss"}
+    assert doc["gradient_norms"][0]["iter"] == 2
+    assert set(doc["gradient_norms"][0]["norms"]) == {"tok_emb", "pos_emb", "blocks.0", "blocks.1", "norm_f"}
+    assert doc["summary"]["status"] == "completed" and doc["config"]["max_iters"] == 6
+
+
+def test_mfu_with_a_given_peak(dataset, tmp_path):
+    res, _ = run(dataset, tmp_path / "o", "--max_iters=2", "--eval_interval=2", "--peak_flops=1e12")
+    doc = json.load(open(res["run_log"]))
+    r = doc["training_iterations"][-1]
+    fpt = doc["environment"]["flops_per_token"]
+    assert r["mfu"] == pytest.approx(fpt * r["tokens_per_sec"] / 1e12)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.pretrain_loss
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setitem(train.OBJECTIVES, "pretrain", poisoned)
+    out = tmp_path / "o"
+    with pytest.raises(TrainingDiverged, match=r"iter 6 .*ckpt_0000004.pt"):
+        run(dataset, out, "--max_iters=10", "--eval_interval=4", "--keep_last_n_checkpoints=1")
+    ckpts = list_checkpoints(out)
+    assert [os.path.basename(p) for p in ckpts] == ["ckpt_0000004.pt"]
+    digest = hashlib.sha256(open(ckpts[0], "rb").read()).hexdigest()
+    assert load_checkpoint(ckpts[0])["iter_num"] == 4
+    doc = json.load(open(next(out.glob("run_*.json"))))
+    assert doc["summary"]["status"] == "diverged"
+    assert doc["health"][-1]["iter"] == 6 and "tok_emb.weight" in doc["health"][-1]["nonfinite_grads"]
+    assert hashlib.sha256(open(ckpts[0], "rb").read()).hexdigest() == digest
+
+
+def test_checkpoint_contents_and_pruning(dataset, tmp_path):
+    out = tmp_path / "o"
+    run(dataset, out, "--max_iters=8", "--eval_interval=2", "--keep_last_n_checkpoints=2", "--compile=False")
+    paths = list_checkpoints(out)
+    assert [os.path.basename(p) for p in paths] == ["ckpt_0000006.pt", "ckpt_0000008.pt"]
+    state = load_checkpoint(paths[-1])
+    assert {"model", "optimizer", "scaler", "iter_num", "best_val_loss", "rng", "data", "config",
+            "model_config"} <= set(state)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+    assert state["data"]["next_iter"] == 8 and state["config"]["max_iters"] == 8
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+def test_compiled_checkpoint_has_clean_keys(dataset, tmp_path):
+    pytest.importorskip("torch._dynamo")
+    out = tmp_path / "o"
+    try:
+        run(dataset, out, "--max_iters=2", "--eval_interval=2", "--compile=True")
+    except Exception as e:  # a CPU without a working C++ toolchain cannot compile; that is not our bug
+        if "InductorError" in type(e).__name__ or "CppCompileError" in repr(e):
+            pytest.skip(f"torch.compile unavailable here: {e}")
+        raise
+    state = load_checkpoint(list_checkpoints(out)[-1])
+    assert not any("_orig_mod" in k for k in state["model"])
+
+
+def test_eval_only(dataset, tmp_path):
+    out = tmp_path / "o"
+    run(dataset, out, "--max_iters=4", "--eval_interval=4")
+    res, _ = run(dataset, out, "--init_from=resume", "--eval_only=True")
+    last = json.load(open(next(out.glob("run_*.json"))))
+    assert res["val_loss"] > 0 and "train_loss" in res
+    assert last["summary"]["status"] in ("completed", "eval_only")
+
+
+def test_uint32_bins(tmp_path):
+    ds = write_dataset(str(tmp_path / "big"), vocab_size=70_000, dtype="uint32")
+    arr = np.fromfile(os.path.join(ds, "train.bin"), dtype=np.uint32)
+    arr[::97] = 69_999  # ids above uint16's range must survive the round trip
+    arr.tofile(os.path.join(ds, "train.bin"))
+    res, _ = run(ds, tmp_path / "o", "--max_iters=2", "--eval_interval=2")
+    doc = json.load(open(res["run_log"]))
+    assert doc["environment"]["model_config"]["vocab_size"] == 70_016
+    x, _ = BatchSampler(TokenDataset(ds), 64, 32, 0).batch("train", 0)
+    assert x.max().item() == 69_999
+
+
+def test_out_of_vocabulary_id_is_refused(tmp_path):
+    ds = write_dataset(str(tmp_path / "d"))
+    arr = np.fromfile(os.path.join(ds, "val.bin"), dtype=np.uint16)
+    arr[123] = 500
+    arr.tofile(os.path.join(ds, "val.bin"))
+    with pytest.raises(DataError, match=r"val.bin holds token id 500.*vocabulary of 64"):
+        run(ds, tmp_path / "o", "--max_iters=1", "--vocab_size=64")
+
+
+@pytest.mark.parametrize("breakage,msg", [
+    ("no_meta", "meta.json is missing"),
+    ("no_val", "val.bin is missing"),
+    ("odd_bytes", "not a whole number"),
+    ("wrong_count", "disagree"),
+])
+def test_broken_dataset_folders(tmp_path, breakage, msg):
+    ds = write_dataset(str(tmp_path / "d"))
+    if breakage == "no_meta":
+        os.remove(os.path.join(ds, "meta.json"))
+    elif breakage == "no_val":
+        os.remove(os.path.join(ds, "val.bin"))
+    elif breakage == "odd_bytes":
+        with open(os.path.join(ds, "train.bin"), "ab") as f:
+            f.write(b"\x01")
+    else:
+        with open(os.path.join(ds, "train.bin"), "ab") as f:
+            f.write(b"\x01\x00")
+    with pytest.raises(DataError, match=msg):
+        run(ds, tmp_path / "o", "--max_iters=1")
+
+
+def test_cross_checks(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="float16 needs CUDA"):
+        run(dataset, tmp_path / "o", "--dtype=float16")
+    with pytest.raises(ConfigError, match="exceeds the model's limit"):
+        run(dataset, tmp_path / "o", "--max_iters=2", "--eval_interval=2")
+        run(dataset, tmp_path / "o", "--init_from=resume", "--block_size=64")
+    with pytest.raises(DataError, match="not found"):
+        run(str(tmp_path / "nowhere"), tmp_path / "o")
+    with pytest.raises(ConfigError, match="flash-attn"):
+        run(dataset, tmp_path / "o", "--attention_backend=flash_attn_2")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        run(dataset, tmp_path / "o", "--preset=gpt5")
+
+
+def test_cli_prints_clear_errors(capsys):
+    assert train.cli(["--batch_sise=3"]) == 2
+    assert "did you mean batch_size" in capsys.readouterr().err
+    assert train.cli(["--help"]) == 0
+    assert "--gradient_accumulation_steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama", "tiny_llama3", "tiny_qwen3"])
+def test_smoke_config_every_family(dataset, tmp_path, family):
+    cfg = parse_args([os.path.join(ROOT, "config", "smoke.py"), f"--preset={family}", f"--dataset={dataset}",
+                      f"--out_dir={tmp_path / 'o'}"])
+    res = train.main(cfg, log=lambda *a: None)
+    doc = json.load(open(res["run_log"]))
+    assert [r["iter"] for r in doc["training_iterations"]] == list(range(1, 11))
+    assert doc["summary"]["status"] == "completed"
+    assert all(np.isfinite(r["loss"]) for r in doc["training_iterations"])

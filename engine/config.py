@@ -43,10 +43,11 @@ class TrainConfig:
     dtype: str = key("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 elsewhere)")
     compile: bool = key(False, "torch.compile the model")
     attention_backend: str = key("auto", "auto | manual | sdpa | flash_attn_2")
-    use_zero1: bool = key(False, "shard optimizer state across ranks (ZeRO-1) (not yet supported)")
-    use_fsdp: bool = key(False, "FSDP2 fully_shard per block and root (not yet supported)")
+    use_zero1: bool = key(False, "shard AdamW state across ranks (ZeRO-1: ZeroRedundancyOptimizer over DDP)")
+    use_fsdp: bool = key(False, "FSDP2 fully_shard on each block and the root (bf16 params, fp32 reduce on CUDA)")
+    fsdp_reshard_after_forward: bool = key(True, "FSDP: free gathered parameters after forward (less memory)")
     use_cuda_graphs: bool = key(False, "capture the training step as a CUDA graph (not yet supported)")
-    activation_checkpointing: bool = key(False, "recompute each block in backward (not yet supported)")
+    activation_checkpointing: bool = key(False, "recompute each block's activations in backward")
     use_dataloader: bool = key(False, "feed batches through a torch DataLoader with workers and pinned memory")
     dataloader_num_workers: int = key(2, "DataLoader worker processes when use_dataloader=True")
     peak_flops: float | None = key(None, "peak FLOP/s per device for MFU; None: look the device up (none on CPU)")
@@ -88,8 +89,7 @@ class TrainConfig:
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size", "vocab_size",
               "dropout", "bias", "qkv_bias", "norm", "norm_eps", "mlp", "pos_encoding", "rope_theta",
               "rope_scaling_factor", "qk_norm", "tie_embeddings")
-NOT_YET = {"use_zero1": "issue #5", "use_fsdp": "issue #5", "use_cuda_graphs": "issue #6",
-           "activation_checkpointing": "issue #6"}
+NOT_YET = {"use_cuda_graphs": "issue #6"}
 CHOICES = {"init_from": None, "objective": ("pretrain",), "device": None,
            "dtype": ("auto", "float32", "bfloat16", "float16"),
            "attention_backend": ("auto", "manual", "sdpa", "flash_attn_2"),

@@ -2,8 +2,11 @@
 
 A dataset folder holds flat token arrays (train.bin and val.bin, or shards train_000000.bin, ...) and meta.json
 (vocab_size, dtype, tokenizer, eot id, the files of each split; engine/prepare.py writes it). Training windows are
-a pure function of (seed, iteration, micro-step, rank): a resumed run draws exactly the batches an uninterrupted
-run would have drawn, with no sampler state to save.
+a pure function of (seed, iteration, micro-step): a resumed run draws exactly the batches an uninterrupted run
+would have drawn, with no sampler state to save. The micro-step is the global index within the optimizer step: under
+torchrun rank r takes micro-steps r*k .. r*k+k-1 of the iteration's gradient_accumulation_steps = world_size*k, so
+the global batch of every iteration is the same set of windows whatever the world size, and a run can resume on
+another number of ranks without changing the data it sees.
 """
 import json
 import os
@@ -84,7 +87,7 @@ class TokenDataset:
 
 
 class BatchSampler:
-    """Random windows of T+1 tokens; the draw for (iteration, micro-step, rank) depends on nothing else."""
+    """Random windows of T+1 tokens; the draw for (iteration, micro-step) depends on nothing else."""
 
     def __init__(self, data: TokenDataset, batch_size, block_size, seed):
         self.data, self.B, self.T, self.seed = data, batch_size, block_size, seed
@@ -97,10 +100,10 @@ class BatchSampler:
             starts = starts.clip(min=0)
             self.weights[split] = starts / starts.sum()
 
-    def batch(self, split, iteration, micro_step=0, rank=0, stream=None):
+    def batch(self, split, iteration, micro_step=0, stream=None):
         """(x, y) int64 tensors of shape (B, T); y is x shifted by one token."""
         stream = (TRAIN if split == "train" else VAL) if stream is None else stream
-        rng = np.random.default_rng([self.seed, stream, iteration, micro_step, rank])
+        rng = np.random.default_rng([self.seed, stream, iteration, micro_step])
         arrays, w = self.data.splits[split], self.weights[split]
         shard = rng.choice(len(arrays), size=self.B, p=w) if len(arrays) > 1 else np.zeros(self.B, dtype=int)
         rows = []
@@ -113,35 +116,37 @@ class BatchSampler:
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """The training batches from `start_iter` on, one item per micro-step, for a DataLoader with workers."""
+    """The training batches from `start_iter` on, one item per local micro-step, for a DataLoader with workers."""
 
-    def __init__(self, sampler, start_iter, max_iters, micro_steps, rank=0):
-        self.sampler, self.start, self.micro, self.rank = sampler, start_iter, micro_steps, rank
+    def __init__(self, sampler, start_iter, max_iters, micro_steps, first_micro=0):
+        self.sampler, self.start, self.micro, self.first = sampler, start_iter, micro_steps, first_micro
         self.n = (max_iters - start_iter) * micro_steps
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        return self.sampler.batch("train", self.start + i // self.micro, i % self.micro, self.rank)
+        return self.sampler.batch("train", self.start + i // self.micro, self.first + i % self.micro)
 
 
-def train_batches(sampler, start_iter, max_iters, micro_steps, device, rank=0, num_workers=0, use_dataloader=False):
-    """Yield the training micro-batches in order, already on `device`.
+def train_batches(sampler, start_iter, max_iters, micro_steps, device, first_micro=0, num_workers=0,
+                  use_dataloader=False):
+    """Yield this rank's training micro-batches in order (global micro-steps first_micro .. first_micro +
+    micro_steps - 1 of each iteration), already on `device`.
 
     On CUDA the host tensors are pinned and copied without blocking, and the next batch is prepared while the
     current one is in use; with use_dataloader a DataLoader's workers cut the windows.
     """
     cuda = torch.device(device).type == "cuda"
     if use_dataloader:
-        ds = WindowDataset(sampler, start_iter, max_iters, micro_steps, rank)
+        ds = WindowDataset(sampler, start_iter, max_iters, micro_steps, first_micro)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                              pin_memory=cuda, prefetch_factor=4 if num_workers else None,
                                              persistent_workers=num_workers > 0,
                                              generator=torch.Generator())  # leave the global RNG (dropout) alone
         source = iter(loader)
     else:
-        source = (sampler.batch("train", it, m, rank) for it in range(start_iter, max_iters)
+        source = (sampler.batch("train", it, first_micro + m) for it in range(start_iter, max_iters)
                   for m in range(micro_steps))
     for x, y in source:
         if cuda:

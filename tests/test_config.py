@@ -41,7 +41,7 @@ def test_config_file_runs_in_its_own_namespace(tmp_path):
     (["--batch_size=0"], "batch_size must be at least 1"),
     (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps must be at least 1"),
     (["--use_zero1=True", "--use_fsdp=True"], "exclusive"),
-    (["--use_fsdp=True"], "not yet supported"),
+    (["--use_cuda_graphs=True"], "not yet supported"),
     (["--dtype=float64"], "dtype='float64' is not one of"),
     (["--lr_schedule=step"], "lr_schedule"),
     (["--min_lr=1", "--learning_rate=0.1"], "min_lr"),

@@ -23,6 +23,13 @@ def run(dataset, out_dir, *extra, log=lambda *a: None):
     return train.main(cfg, log=log), cfg
 
 
+def tree_digest(folder):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        h.update(name.encode() + open(os.path.join(folder, name), "rb").read())
+    return h.hexdigest()
+
+
 def losses_of(run_log):
     return {r["iter"]: r["loss"] for r in json.load(open(run_log))["training_iterations"]}
 
@@ -100,8 +107,8 @@ def test_run_log_is_valid_json_mid_run_with_schema(dataset, tmp_path):
         assert k in env
     assert env["attention_backend"] == "sdpa" and env["peak_flops"] is None
     rec = doc["training_iterations"][-1]
-    assert set(rec) == {"iter", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "mfu", "memory_allocated_gb",
-                        "memory_reserved_gb"}
+    assert set(rec) == {"iter", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "tokens_per_sec_per_device",
+                        "mfu", "memory_allocated_gb", "memory_reserved_gb"}
     assert rec["mfu"] is None  # CPU without a given peak
     assert doc["evals"][-1].keys() == {"iter", "train_loss", "val_loss"}
     assert doc["gradient_norms"][0]["iter"] == 2
@@ -128,29 +135,31 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(dataset, tmp_path, monk
 
     monkeypatch.setitem(train.OBJECTIVES, "pretrain", poisoned)
     out = tmp_path / "o"
-    with pytest.raises(TrainingDiverged, match=r"iter 6 .*ckpt_0000004.pt"):
+    with pytest.raises(TrainingDiverged, match=r"iter 6 .*ckpt_0000004"):
         run(dataset, out, "--max_iters=10", "--eval_interval=4", "--keep_last_n_checkpoints=1")
     ckpts = list_checkpoints(out)
-    assert [os.path.basename(p) for p in ckpts] == ["ckpt_0000004.pt"]
-    digest = hashlib.sha256(open(ckpts[0], "rb").read()).hexdigest()
+    assert [os.path.basename(p) for p in ckpts] == ["ckpt_0000004"]
+    digest = tree_digest(ckpts[0])
     assert load_checkpoint(ckpts[0])["iter_num"] == 4
     doc = json.load(open(next(out.glob("run_*.json"))))
     assert doc["summary"]["status"] == "diverged"
     assert doc["health"][-1]["iter"] == 6 and "tok_emb.weight" in doc["health"][-1]["nonfinite_grads"]
-    assert hashlib.sha256(open(ckpts[0], "rb").read()).hexdigest() == digest
+    assert tree_digest(ckpts[0]) == digest
 
 
 def test_checkpoint_contents_and_pruning(dataset, tmp_path):
     out = tmp_path / "o"
     run(dataset, out, "--max_iters=8", "--eval_interval=2", "--keep_last_n_checkpoints=2", "--compile=False")
     paths = list_checkpoints(out)
-    assert [os.path.basename(p) for p in paths] == ["ckpt_0000006.pt", "ckpt_0000008.pt"]
+    assert [os.path.basename(p) for p in paths] == ["ckpt_0000006", "ckpt_0000008"]
     state = load_checkpoint(paths[-1])
-    assert {"model", "optimizer", "scaler", "iter_num", "best_val_loss", "rng", "data", "config",
-            "model_config"} <= set(state)
+    assert {"model", "scaler", "iter_num", "best_val_loss", "rng", "data", "config", "model_config"} <= set(state)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+    fresh = GPT(ModelConfig.from_dict(state["model_config"]))
+    fresh.load_state_dict(state["model"])  # the full model, every key present
     assert state["data"]["next_iter"] == 8 and state["config"]["max_iters"] == 8
     assert not [p for p in os.listdir(out) if ".tmp" in p]
+    assert state["data"]["world_size"] == 1 and len(state["rng"]["torch"]) == 1
 
 
 def test_compiled_checkpoint_has_clean_keys(dataset, tmp_path):

@@ -1,0 +1,171 @@
+"""Running under torchrun: process groups, wrapping the model (DDP / ZeRO-1 / FSDP2), and its checkpoint state.
+
+The model itself never changes. parallelize() applies, in torchtitan's order, activation checkpointing, then
+torch.compile, then sharding (FSDP2 fully_shard on each block and the root) or replication (DDP). ZeRO-1 is DDP's
+replicated parameters with torch's ZeroRedundancyOptimizer sharding the AdamW state.
+"""
+import datetime
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from engine.checkpoint import load_tensors
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return dist.is_initialized()
+
+
+def init_distributed(device_type, timeout_minutes=30):
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); one plain process otherwise."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist()
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None)
+    return Dist(rank, local_rank, world)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_floats(x):
+    """[x from rank 0, x from rank 1, ...]"""
+    if not dist.is_initialized():
+        return [x]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, x)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# wrapping
+
+def parallelize(model, cfg, d: Dist, device_type, dtype):
+    """(model to call, model that owns the parameters). The second is what optimizers and checkpoints see."""
+    if cfg.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+    if cfg.use_fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if cfg.compile:  # per block, as torchtitan does, so FSDP's hooks stay outside the compiled graphs
+            for block in model.blocks:
+                block.compile()
+        mp = MixedPrecisionPolicy()
+        if device_type == "cuda" and dtype == "bfloat16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        return model, model
+    owner = model
+    if d.world_size > 1:
+        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model, owner
+
+
+def grad_sync(model, sync):
+    """Context for one micro-step's backward: gradients are reduced across ranks only when `sync`."""
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, DDP):
+        return nullcontext() if sync else inner.no_sync()
+    if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2
+        inner.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def local_bytes(tensors):
+    """Bytes this rank holds of `tensors` (the local shard of a DTensor)."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def optimizer_state_bytes(optimizer):
+    opt = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    return local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoint state, keyed by parameter name whatever the wrapping
+
+def _name(n):
+    return n.replace("_checkpoint_wrapped_module.", "")
+
+
+def state_tensors(owner, optimizer):
+    """{"model": {name: tensor}, "optim": {name: {exp_avg, exp_avg_sq, step}}} of this rank (shards under FSDP,
+    the owned partition under ZeRO-1)."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        names = {p: _name(n) for n, p in owner.named_parameters()}
+        optim = {names[p]: s for p, s in optimizer.optim.state.items()}
+        return {"model": get_model_state_dict(owner), "optim": optim}
+    msd, osd = get_state_dict(owner, optimizer)
+    return {"model": msd, "optim": osd["state"]}
+
+
+def init_optimizer_state(optimizer):
+    """Create AdamW's state tensors with a step at learning rate zero, so a checkpoint can be loaded into them."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def load_state(path, owner, optimizer):
+    init_optimizer_state(optimizer)
+    target = state_tensors(owner, optimizer)
+    load_tensors(path, target)
+    if isinstance(optimizer, ZeroRedundancyOptimizer):  # the optimizer's own tensors were filled in place
+        set_model_state_dict(owner, target["model"])
+        return
+    _, osd = get_state_dict(owner, optimizer)
+    set_state_dict(owner, optimizer, model_state_dict=target["model"],
+                   optim_state_dict={"state": target["optim"], "param_groups": osd["param_groups"]})

@@ -1,0 +1,21 @@
+"""train.py with rank 1 raising at its third step: how a broken rank must bring a torchrun job down."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import train  # noqa: E402
+
+calls = {"n": 0}
+real = train.pretrain_loss
+
+
+def breaks_on_rank1(model, batch):
+    calls["n"] += 1
+    if os.environ.get("RANK") == "1" and calls["n"] == 3:
+        raise RuntimeError("injected failure on rank 1")
+    return real(model, batch)
+
+
+train.OBJECTIVES["pretrain"] = breaks_on_rank1
+sys.exit(train.cli())

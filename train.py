@@ -13,7 +13,9 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from engine import distributed as D
 from engine.attention import resolve_backend
-from engine.checkpoint import CheckpointError, find_latest, save_checkpoint
+from engine.checkpoint import CheckpointError, checkpoint_path, find_latest, save_checkpoint
 from engine.config import MODEL_KEYS, ConfigError, config_dict, help_text, parse_args
 from engine.data import EVAL, BatchSampler, DataError, TokenDataset, resolve_dataset_dir, train_batches
 from engine.health import HealthMonitor, TrainingDiverged
@@ -161,6 +163,33 @@ def evaluate(model, sampler, cfg, ctx, device, d):
     return out
 
 
+class StopRequest:
+    """Catches SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, Slurm's warning) so the loop can checkpoint,
+    flush its log and exit cleanly at the end of the current step. A second SIGINT interrupts at once."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self):
+        self.signum, self.saved = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the run
 
@@ -168,12 +197,16 @@ def main(cfg, log=print):
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     d = D.init_distributed("cuda" if cuda else "cpu")
     try:
-        return run(cfg, d, log if d.master else (lambda *a, **k: None))
+        with StopRequest() as stop:
+            result = run(cfg, d, log if d.master else (lambda *a, **k: None), stop)
+        D.barrier()  # leave together: a rank tearing gloo down while another still talks can abort
+        return result
     finally:
         D.cleanup()
 
 
-def run(cfg, d, log):
+def run(cfg, d, log, stop=None):
+    stop = stop or StopRequest()
     device, dev_type, dtype, ctx = setup_device(cfg, d)
     try:
         backend, backend_reason = resolve_backend(cfg.attention_backend, dev_type, dtype)
@@ -261,7 +294,7 @@ def run(cfg, d, log):
             previous = RunLog.read(run_path)
         else:
             run_path = os.path.join(cfg.out_dir, f"run_{time.strftime('%Y%m%d_%H%M%S')}.json")
-        runlog = RunLog(run_path, resolved, env, previous, start_iter)
+        runlog = RunLog(run_path, resolved, env, previous, start_iter, warn=log)
     record = runlog.add if runlog else (lambda *a: None)
     health = HealthMonitor(warn=log)
     last_ckpt = resume_path
@@ -277,6 +310,8 @@ def run(cfg, d, log):
                      "gradient_accumulation_steps": ga, "world_size": d.world_size},
             "config": resolved, "model_config": mc.to_dict(), "run_log": runlog.path if runlog else None,
         }
+        if runlog:  # the log first, so that it always reaches at least as far as the newest checkpoint
+            runlog.flush()
         last_ckpt = save_checkpoint(D.state_tensors(owner, optimizer), meta, cfg.out_dir, iter_num,
                                     cfg.keep_last_n_checkpoints)
         log(f"saved checkpoint {last_ckpt}")
@@ -328,8 +363,12 @@ def run(cfg, d, log):
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(owner.parameters(), cfg.grad_clip or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            # the mean over every micro-batch of every rank, and the norm, in one sync per step
-            loss_val, norm_val = D.all_reduce_sum(torch.stack([loss_sum / ga, norm.float() / d.world_size])).tolist()
+            # the mean over every micro-batch of every rank, the norm, and whether any rank was asked to stop, in
+            # one sync per step
+            flags = torch.tensor([0.0 if stop.signum is None else 1.0], device=device)
+            loss_val, norm_val, stops = D.all_reduce_sum(torch.cat([(loss_sum / ga).view(1),
+                                                                     (norm.float() / d.world_size).view(1),
+                                                                     flags])).tolist()
             iter_num = it + 1
             if scaler.is_enabled() and not math.isfinite(norm_val) and math.isfinite(loss_val):
                 health.flag(iter_num, "fp16_overflow", "float16 gradients overflowed; the step was skipped")
@@ -371,8 +410,13 @@ def run(cfg, d, log):
                 last_losses, improved = run_eval(iter_num)
                 if improved or cfg.always_save_checkpoint:
                     checkpoint(iter_num)
-                if runlog:
-                    runlog.flush()
+            if stops:
+                if last_ckpt != checkpoint_path(cfg.out_dir, iter_num):
+                    checkpoint(iter_num)
+                status = "preempted"
+                log(f"stopping at iter {iter_num} on request (signal {stop.signum or 'on another rank'}); resume "
+                    "with --init_from=resume")
+                break
     except TrainingDiverged as e:
         status = "diverged"
         log(f"error: {e}")

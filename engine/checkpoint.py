@@ -117,6 +117,11 @@ def save_checkpoint(tensors, meta, out_dir, iteration, keep_last_n=0):
             if keep_last_n > 0:
                 for old in list_checkpoints(out_dir)[:-keep_last_n]:
                     shutil.rmtree(old)
+    except OSError as e:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final} ({e}); the earlier checkpoints in {out_dir} are "
+                              "intact; free disk space (or point --out_dir elsewhere) and resume") from e
     except BaseException:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -143,10 +148,19 @@ def load_meta(path):
         raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {META} or DCP's .metadata")
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True)
-        SafeReader(path).read_metadata()
+        index = SafeReader(path).read_metadata()
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated, "
                               "corrupt, or not a plain-data checkpoint") from e
+    needed = {}  # every shard file must reach past the last byte the index points into
+    for info in index.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in needed.items():
+        file = os.path.join(path, name)
+        have = os.path.getsize(file) if os.path.isfile(file) else None
+        if have is None or have < size:
+            raise CheckpointError(f"checkpoint {path} is truncated: {name} has {have or 0} bytes, its index needs "
+                                  f"{size}")
     if not isinstance(meta, dict) or "iter_num" not in meta or "model_config" not in meta:
         raise CheckpointError(f"checkpoint {path} lacks iter_num or model_config; it was not written by this engine")
     return meta

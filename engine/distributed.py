@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.checkpoint import load_tensors
+from engine.checkpoint import CheckpointError, load_tensors, stored_shapes
 
 
 @dataclass
@@ -49,6 +49,11 @@ def init_distributed(device_type, timeout_minutes=30):
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                             device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None)
     return Dist(rank, local_rank, world)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def cleanup():
@@ -159,9 +164,25 @@ def init_optimizer_state(optimizer):
         g["lr"] = lr
 
 
+def check_model_keys(path, model_state):
+    """A checkpoint of another architecture fails here, naming the keys and shapes that differ."""
+    stored = stored_shapes(path)
+    want = {k: tuple(v.shape) for k, v in model_state.items()}
+    missing = sorted(set(want) - set(stored))
+    extra = sorted(set(stored) - set(want))
+    shapes = sorted(f"{k}: checkpoint {stored[k][0]} vs model {want[k]}" for k in set(want) & set(stored)
+                    if stored[k][0] != want[k])
+    if missing or extra or shapes:
+        parts = [f"{label} {items[:8]}{' ...' if len(items) > 8 else ''}" for label, items in
+                 (("missing from the checkpoint:", missing), ("not in the model:", extra),
+                  ("shape mismatches:", shapes)) if items]
+        raise CheckpointError(f"checkpoint {path} does not fit this model's architecture; " + "; ".join(parts))
+
+
 def load_state(path, owner, optimizer):
     init_optimizer_state(optimizer)
     target = state_tensors(owner, optimizer)
+    check_model_keys(path, target["model"])
     load_tensors(path, target)
     if isinstance(optimizer, ZeroRedundancyOptimizer):  # the optimizer's own tensors were filled in place
         set_model_state_dict(owner, target["model"])

@@ -71,8 +71,8 @@ class RunLog:
     MIN_INTERVAL = 5.0  # seconds between routine rewrites
     BUDGET = 0.01  # fraction of wall time rewrites may take
 
-    def __init__(self, path, config, environment, previous=None, resume_iter=None):
-        self.path = path
+    def __init__(self, path, config, environment, previous=None, resume_iter=None, warn=print):
+        self.path, self.warn = path, warn
         self.doc = {"config": config, "environment": environment, "training_iterations": [], "evals": [],
                     "gradient_norms": [], "health": [], "summary": None}
         if previous is not None:  # continue the resumed run's log, dropping what came after the checkpoint
@@ -95,11 +95,19 @@ class RunLog:
             self.flush()
 
     def flush(self):
+        """Rewrite the log. A failed write (a full disk) keeps the previous file whole and the records in memory
+        for the next try, and is reported rather than ending the run."""
         t0 = time.monotonic()
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.doc, f, allow_nan=False, default=_json_default)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.doc, f, allow_nan=False, default=_json_default)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            self.warn(f"warning: could not write the run log {self.path} ({e}); the previous version is intact and "
+                      "the records are kept in memory for the next write")
         self._last_write = time.monotonic()
         self._write_cost = self._last_write - t0
 

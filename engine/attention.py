@@ -1,7 +1,10 @@
 """Causal self-attention backends.
 
 Every backend takes q (B, T, H, D) and k, v (B, T, KV, D) with H a multiple of KV (grouped-query attention)
-and returns (B, T, H, D). `manual` is the reference: an explicit masked softmax anyone can check by eye.
+and returns (B, T, H, D). With `seg` (B, T), the segment id of each position in rows that pack several examples,
+a position attends only to earlier positions of its own segment.
+
+`manual` is the reference: an explicit masked softmax anyone can check by eye.
 `sdpa` is torch's scaled_dot_product_attention, `flash_attn_2` is Tri Dao's flash-attn package (CUDA, half
 precision only). A backend that cannot run where it was asked for fails with the reason and the fix; there is
 no silent fallback. `auto` picks flash_attn_2 where it can run and sdpa otherwise, and says what it chose.
@@ -15,7 +18,14 @@ import torch.nn.functional as F
 BACKENDS = ("manual", "sdpa", "flash_attn_2")
 
 
-def manual_attention(q, k, v, dropout_p=0.0):
+def segment_mask(seg):
+    """(B, 1, T, T) boolean: causal, and within one segment."""
+    T = seg.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    return (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
+
+
+def manual_attention(q, k, v, dropout_p=0.0, seg=None):
     B, T, H, D = q.shape
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
     rep = H // k.size(1)
@@ -23,30 +33,45 @@ def manual_attention(q, k, v, dropout_p=0.0):
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    att = att.masked_fill(~causal, float("-inf"))
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if seg is None else segment_mask(seg)
+    att = att.masked_fill(~allowed, float("-inf"))
     att = F.softmax(att.float(), dim=-1).to(q.dtype)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return (att @ v).transpose(1, 2)  # (B, T, nh, hs)
 
 
-def sdpa_attention(q, k, v, dropout_p=0.0):
+def sdpa_attention(q, k, v, dropout_p=0.0, seg=None):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
     gqa = q.size(1) != k.size(1)
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    if seg is None:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(seg), dropout_p=dropout_p,
+                                           enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
-def flash_attention(q, k, v, dropout_p=0.0):
+def flash_attention(q, k, v, dropout_p=0.0, seg=None):
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         raise RuntimeError(
             f"attention_backend=flash_attn_2 needs CUDA tensors in bfloat16 or float16, got {q.device.type} "
             f"{q.dtype}; use --dtype=bfloat16 on a GPU, or --attention_backend=sdpa"
         )
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # GQA and (B, T, H, D) natively
+    if seg is None:
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # GQA and (B, T, H, D) natively
+    # packed rows: every run of equal segment ids (padding too) becomes one sequence of the varlen kernel
+    B, T, H, D = q.shape
+    flat = seg.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = (flat[1:] != flat[:-1]) | (torch.arange(1, B * T, device=seg.device) % T == 0)
+    cu = torch.cat([starts.nonzero()[:, 0], torch.tensor([B * T], device=seg.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    y = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu,
+                               longest, longest, dropout_p=dropout_p, causal=True)
+    return y.reshape(B, T, H, D)
 
 
 ATTENTION_FNS = {"manual": manual_attention, "sdpa": sdpa_attention, "flash_attn_2": flash_attention}

@@ -26,7 +26,7 @@ class TrainConfig:
     dataset: str = key("shakespeare_char", "data/<dataset>/ folder (or a path) with train.bin, val.bin, meta.json")
     init_from: str = key("scratch", "scratch | resume (newest checkpoint in out_dir) | a local transformers dir")
     eval_only: bool = key(False, "evaluate train and val loss once, then exit")
-    objective: str = key("pretrain", "pretrain (sft and dpo: not yet supported)")
+    objective: str = key("pretrain", "pretrain | sft | dpo")
     max_iters: int = key(5000, "optimizer steps in the whole run")
     eval_interval: int = key(250, "evaluate (and checkpoint) every this many steps")
     eval_iters: int = key(200, "batches per split in each evaluation")
@@ -34,6 +34,20 @@ class TrainConfig:
     gradient_log_interval: int = key(100, "per-layer gradient norms into the run log every this many steps; 0: off")
     always_save_checkpoint: bool = key(True, "checkpoint at every evaluation, not only when val loss improves")
     keep_last_n_checkpoints: int = key(3, "delete older checkpoints beyond this many; 0 keeps all")
+    # post-training (objective sft or dpo): `dataset` is then chat data (local .jsonl/.json/.parquet, or hub:NAME)
+    tokenizer: str | None = key(None, "gpt2 | llama2 | llama3 | qwen3 | hf:<dir>; None: init_from's (hf dir) or the "
+                                      "checkpoint's")
+    tokenizer_path: str | None = key(None, "your own tokenizer file for the tokenizer named")
+    max_seq_length: int | None = key(None, "SFT/DPO: tokens per example after truncation; None: block_size")
+    packing: bool = key(False, "SFT: pack several examples per row, each attending only to itself")
+    num_train_epochs: float | None = key(None, "SFT/DPO: run length in epochs; sets max_iters")
+    val_fraction: float = key(0.02, "SFT/DPO: fraction of examples held out for val (seeded)")
+    max_examples: int | None = key(None, "SFT/DPO: read at most this many records")
+    dpo_beta: float = key(0.1, "DPO: beta")
+    dpo_loss_type: str = key("sigmoid", "DPO: sigmoid (summed log-probs) | dpo_norm (per-token averages)")
+    dpo_label_smoothing: float = key(0.0, "DPO: label smoothing (conservative DPO)")
+    reference_cache_dir: str | None = key(None, "DPO: where reference log-probs are cached; None: out_dir/"
+                                                "reference_cache")
     # batch
     batch_size: int = key(12, "sequences per micro-batch (per device)")
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
@@ -43,6 +57,8 @@ class TrainConfig:
     dtype: str = key("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 elsewhere)")
     compile: bool = key(False, "torch.compile the model")
     attention_backend: str = key("auto", "auto | manual | sdpa | flash_attn_2")
+    loss_chunk_size: int = key(0, "rows per chunk of a cross-entropy that never forms the full logits "
+                                  "(for 128K+ vocabularies, e.g. 1024); 0: plain loss on the logits")
     use_zero1: bool = key(False, "shard AdamW state across ranks (ZeRO-1: ZeroRedundancyOptimizer over DDP)")
     use_fsdp: bool = key(False, "FSDP2 fully_shard on each block and the root (bf16 params, fp32 reduce on CUDA)")
     fsdp_reshard_after_forward: bool = key(True, "FSDP: free gathered parameters after forward (less memory)")
@@ -90,7 +106,8 @@ MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermedi
               "dropout", "bias", "qkv_bias", "norm", "norm_eps", "mlp", "pos_encoding", "rope_theta",
               "rope_scaling_factor", "qk_norm", "tie_embeddings")
 NOT_YET = {"use_cuda_graphs": "issue #6"}
-CHOICES = {"init_from": None, "objective": ("pretrain",), "device": None,
+CHOICES = {"init_from": None, "objective": ("pretrain", "sft", "dpo"), "device": None,
+           "dpo_loss_type": ("sigmoid", "dpo_norm"),
            "dtype": ("auto", "float32", "bfloat16", "float16"),
            "attention_backend": ("auto", "manual", "sdpa", "flash_attn_2"),
            "lr_schedule": ("cosine", "linear", "constant", "wsd")}
@@ -213,7 +230,8 @@ def validate(cfg):
                  "log_interval"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("gradient_log_interval", "keep_last_n_checkpoints", "warmup_iters", "dataloader_num_workers"):
+    for name in ("gradient_log_interval", "keep_last_n_checkpoints", "warmup_iters", "dataloader_num_workers",
+                 "loss_chunk_size"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.block_size is not None and cfg.block_size < 1:
@@ -227,6 +245,16 @@ def validate(cfg):
                           f"{cfg.learning_rate}, min_lr={cfg.min_lr}")
     if cfg.grad_clip < 0:
         raise ConfigError(f"grad_clip must not be negative, got {cfg.grad_clip}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.num_train_epochs is not None and cfg.num_train_epochs <= 0:
+        raise ConfigError(f"num_train_epochs must be positive, got {cfg.num_train_epochs}")
+    if cfg.num_train_epochs is not None and cfg.objective == "pretrain":
+        raise ConfigError("num_train_epochs is for objective=sft or dpo; pretraining runs max_iters steps")
+    if cfg.packing and cfg.objective != "sft":
+        raise ConfigError("packing=True is for objective=sft")
+    if not 0 <= cfg.dpo_label_smoothing < 0.5:
+        raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {cfg.dpo_label_smoothing}")
     if cfg.peak_flops is not None and cfg.peak_flops <= 0:
         raise ConfigError(f"peak_flops must be positive FLOP/s, e.g. 989e12, got {cfg.peak_flops}")
 

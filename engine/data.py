@@ -118,39 +118,36 @@ class BatchSampler:
 class WindowDataset(torch.utils.data.Dataset):
     """The training batches from `start_iter` on, one item per local micro-step, for a DataLoader with workers."""
 
-    def __init__(self, sampler, start_iter, max_iters, micro_steps, first_micro=0):
-        self.sampler, self.start, self.micro, self.first = sampler, start_iter, micro_steps, first_micro
+    def __init__(self, task, start_iter, max_iters, micro_steps, first_micro=0):
+        self.task, self.start, self.micro, self.first = task, start_iter, micro_steps, first_micro
         self.n = (max_iters - start_iter) * micro_steps
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        return self.sampler.batch("train", self.start + i // self.micro, self.first + i % self.micro)
+        return self.task.batch(self.start + i // self.micro, self.first + i % self.micro)
 
 
-def train_batches(sampler, start_iter, max_iters, micro_steps, device, first_micro=0, num_workers=0,
+def to_device(batch, device):
+    """A dict of tensors on `device`; on CUDA through pinned memory without blocking."""
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_batches(task, start_iter, max_iters, micro_steps, device, first_micro=0, num_workers=0,
                   use_dataloader=False):
     """Yield this rank's training micro-batches in order (global micro-steps first_micro .. first_micro +
-    micro_steps - 1 of each iteration), already on `device`.
-
-    On CUDA the host tensors are pinned and copied without blocking, and the next batch is prepared while the
-    current one is in use; with use_dataloader a DataLoader's workers cut the windows.
-    """
-    cuda = torch.device(device).type == "cuda"
+    micro_steps - 1 of each iteration), already on `device`. With use_dataloader a DataLoader's workers build
+    them ahead of time into pinned memory."""
     if use_dataloader:
-        ds = WindowDataset(sampler, start_iter, max_iters, micro_steps, first_micro)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
-                                             pin_memory=cuda, prefetch_factor=4 if num_workers else None,
-                                             persistent_workers=num_workers > 0,
-                                             generator=torch.Generator())  # leave the global RNG (dropout) alone
-        source = iter(loader)
+        ds = WindowDataset(task, start_iter, max_iters, micro_steps, first_micro)
+        source = iter(torch.utils.data.DataLoader(
+            ds, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+            prefetch_factor=4 if num_workers else None, persistent_workers=num_workers > 0,
+            generator=torch.Generator()))  # its own generator: leave the global RNG (dropout) alone
     else:
-        source = (sampler.batch("train", it, first_micro + m) for it in range(start_iter, max_iters)
-                  for m in range(micro_steps))
-    for x, y in source:
-        if cuda:
-            if not x.is_pinned():
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        yield x, y
+        source = (task.batch(it, first_micro + m) for it in range(start_iter, max_iters) for m in range(micro_steps))
+    for batch in source:
+        yield to_device(batch, device)

@@ -179,6 +179,14 @@ def check_model_keys(path, model_state):
         raise CheckpointError(f"checkpoint {path} does not fit this model's architecture; " + "; ".join(parts))
 
 
+def load_model_state(path, owner):
+    """Weights only (fine-tuning from a checkpoint): the optimizer starts fresh."""
+    target = {"model": get_model_state_dict(owner)}
+    check_model_keys(path, target["model"])
+    load_tensors(path, target)
+    set_model_state_dict(owner, target["model"])
+
+
 def load_state(path, owner, optimizer):
     init_optimizer_state(optimizer)
     target = state_tensors(owner, optimizer)

@@ -16,12 +16,14 @@ class TrainingDiverged(RuntimeError):
 
 
 class HealthMonitor:
-    def __init__(self, warn=print):
+    def __init__(self, warn=print, start_iter=0, first_loss=None):
+        """A resumed run passes where it starts and the run's first loss, so the early-loss check is not
+        repeated against the first loss after the resume."""
         self.warn = warn
         self.flags = []
-        self.first_loss = None
+        self.first_loss = first_loss
         self.outside = 0
-        self.loss_checked = False
+        self.loss_checked = start_iter >= LOSS_CHECK_ITER
 
     def flag(self, iteration, kind, message):
         first = not any(f["kind"] == kind for f in self.flags)

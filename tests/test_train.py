@@ -12,6 +12,7 @@ from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.config import ConfigError, parse_args
 from engine.data import BatchSampler, DataError, TokenDataset
 from engine.health import TrainingDiverged
+from engine.tasks import PretrainTask
 from model import GPT, ModelConfig
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
@@ -38,11 +39,11 @@ def test_gradient_accumulation_matches_big_batch():
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=64))
     x, y = torch.randint(0, 64, (8, 24)), torch.randint(0, 64, (8, 24))
-    train.pretrain_loss(model, (x, y)).backward()
+    model(x, y)[1].backward()
     big = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     for i in range(4):
-        (train.pretrain_loss(model, (x[2 * i:2 * i + 2], y[2 * i:2 * i + 2])) / 4).backward()
+        (model(x[2 * i:2 * i + 2], y[2 * i:2 * i + 2])[1] / 4).backward()
     for g, p in zip(big, model.parameters()):
         assert (g - p.grad).abs().max() < 1e-6
 
@@ -55,7 +56,7 @@ def test_logged_loss_is_the_mean_over_micro_batches(dataset, tmp_path):
     model = GPT(train.model_config(cfg, 61, "sdpa"))
     sampler = BatchSampler(TokenDataset(dataset), 2, 32, cfg.seed)
     with torch.no_grad():
-        micro = [train.pretrain_loss(model, sampler.batch("train", 0, m)).item() for m in range(4)]
+        micro = [model(*sampler.batch("train", 0, m))[1].item() for m in range(4)]
     assert abs(logged - np.mean(micro)) < 1e-6
     assert np.std(micro) > 1e-3  # the micro-batches differ, so the last one alone would not do
 
@@ -126,14 +127,14 @@ def test_mfu_with_a_given_peak(dataset, tmp_path):
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train.pretrain_loss
+    real = PretrainTask.loss
 
-    def poisoned(model, batch):
-        calls["n"] += 1
-        loss = real(model, batch)
-        return loss * float("nan") if calls["n"] == 6 else loss
+    def poisoned(self, model, batch):
+        calls["n"] += model.training  # training steps only, not evaluation batches
+        loss, metrics = real(self, model, batch)
+        return (loss * float("nan") if calls["n"] == 6 else loss), metrics
 
-    monkeypatch.setitem(train.OBJECTIVES, "pretrain", poisoned)
+    monkeypatch.setattr(PretrainTask, "loss", poisoned)
     out = tmp_path / "o"
     with pytest.raises(TrainingDiverged, match=r"iter 6 .*ckpt_0000004"):
         run(dataset, out, "--max_iters=10", "--eval_interval=4", "--keep_last_n_checkpoints=1")
@@ -257,3 +258,11 @@ def test_smoke_config_every_family(dataset, tmp_path, family):
     assert [r["iter"] for r in doc["training_iterations"]] == list(range(1, 11))
     assert doc["summary"]["status"] == "completed"
     assert all(np.isfinite(r["loss"]) for r in doc["training_iterations"])
+
+
+def test_resume_past_step_100_raises_no_loss_flag(dataset, tmp_path):
+    out = tmp_path / "o"
+    run(dataset, out, "--max_iters=110", "--eval_interval=105", "--log_interval=50")
+    res, _ = run(dataset, out, "--max_iters=112", "--eval_interval=105", "--init_from=resume")
+    flags = json.load(open(res["run_log"]))["summary"]["health_flags"]
+    assert not [f for f in flags if f["kind"] == "loss_not_falling"], flags

@@ -5,17 +5,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import train  # noqa: E402
+from engine.tasks import PretrainTask  # noqa: E402
 
 calls = {"n": 0}
-real = train.pretrain_loss
+real = PretrainTask.loss
 
 
-def breaks_on_rank1(model, batch):
-    calls["n"] += 1
+def breaks_on_rank1(self, model, batch):
+    calls["n"] += model.training
     if os.environ.get("RANK") == "1" and calls["n"] == 3:
         raise RuntimeError("injected failure on rank 1")
-    return real(model, batch)
+    return real(self, model, batch)
 
 
-train.OBJECTIVES["pretrain"] = breaks_on_rank1
+PretrainTask.loss = breaks_on_rank1
 sys.exit(train.cli())

@@ -11,13 +11,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import engine.checkpoint as C  # noqa: E402
 import train  # noqa: E402
+from engine.tasks import PretrainTask  # noqa: E402
 
-real_loss, real_save = train.pretrain_loss, C.torch.save
+real_loss, real_save = PretrainTask.loss, C.torch.save
 
 
-def slow_loss(model, batch):
+def slow_loss(self, model, batch):
     time.sleep(float(os.environ.get("SLOW_STEP", "0")))
-    return real_loss(model, batch)
+    return real_loss(self, model, batch)
 
 
 def hanging_save(obj, f, *args, **kwargs):
@@ -27,6 +28,6 @@ def hanging_save(obj, f, *args, **kwargs):
     return real_save(obj, f, *args, **kwargs)
 
 
-train.OBJECTIVES["pretrain"] = slow_loss
+PretrainTask.loss = slow_loss
 C.torch.save = hanging_save
 sys.exit(train.cli())

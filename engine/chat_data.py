@@ -1,0 +1,426 @@
+"""Chat data for SFT and DPO: records from files or the hub -> messages -> token ids with labels -> padded batches.
+
+    convs = [sft_messages(r, where) for where, r in load_records("data/toy_chat/sft.jsonl")]
+    examples, dropped = tokenize_all(tok, convs, max_len)            # [(input_ids, labels)], count of empty ones
+    batch = collate(pack_sft(examples, max_len), pad_id=tok.eot_id)  # input_ids, labels, positions, segments (B, T)
+    logits, loss = model(batch["input_ids"], batch["labels"])
+
+Sources: local .jsonl, .json (a list of records, or {"data": [...]}) and .parquet files, as files, folders, globs or a
+comma-separated list of them; `hub:NAME` or `hub:NAME:SPLIT` (default split train) for a Hugging Face dataset, read
+with the `datasets` package (needs network or its local cache).
+
+SFT records, one of: {"messages": [{"role", "content"}]} (OpenAI style), {"conversations": [{"from", "value"}]}
+(ShareGPT; from is system/human/gpt, or user/assistant), or {"prompt", "completion"} (strings, or message lists).
+A ShareGPT-style top-level "system" string becomes a leading system message. Roles are system, user, assistant.
+
+DPO records, one of: {"prompt", "chosen", "rejected"} strings (a user turn and two assistant answers); or chosen and
+rejected as whole conversations sharing their first turns (Tulu 3 and Dolci preference data: the shared turns are
+the prompt, the turns after them the completions; a "prompt" string beside them is ignored, a "prompt" message list
+is prepended to both, as TRL's conversational format writes it).
+
+Label convention, one for every objective: a sequence of n+1 tokens becomes input_ids = ids[:-1] and
+labels = ids[1:], with labels[t] = -100 where token t+1 is not learned. labels are the model's targets as they
+stand (the model does no shifting of its own): model(input_ids, labels) is the mean cross-entropy of logits[:, t]
+against labels[:, t] over the learned tokens. max_len counts input_ids, so it is the model's T: truncation keeps the
+first max_len + 1 tokens of a conversation. Learned tokens are what the chat format's mask marks: each assistant
+message's content and the token that ends its turn; in DPO only those of the completion, never the prompt's.
+
+Chat formats: a tokenizer's own (llama3, chatml for qwen3, llama2, an hf: folder's chat template), and the Tulu
+format (open-instruct's Tulu 2/3 template) for tokenizers without one (gpt2; hf: folders with no template):
+"<|system|>\\n{content}\\n", "<|user|>\\n{content}\\n", "<|assistant|>\\n{content}{eos}\\n", with no newline after
+the conversation's last message (as the template writes it), eos the tokenizer's end-of-text token. The marker
+strings are ordinary text; each piece is tokenized on its own, so assistant content starts and ends on a token edge.
+"""
+import itertools
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from engine.data import DataError
+from engine.prepare import _expand, _pyarrow
+from engine.tokenizers import HFTokenizer
+
+IGNORE = -100
+ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class ChatDataError(DataError):
+    """A chat record or file that cannot be used; the message names the file and the row."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading records
+
+
+def load_records(source, limit=None):
+    """[(where, record)] from a source (see the module docstring), in order, at most `limit`; `where` names the
+    file and the line (.jsonl, counted from 1) or row (.json, .parquet, hub; counted from 0) for error messages."""
+    if source.startswith("hub:"):
+        return _hub_records(source[4:], limit)
+    try:
+        files = _expand(source)
+    except (FileNotFoundError, ValueError) as e:
+        raise ChatDataError(str(e)) from None
+    out = []
+    for f in files:
+        if limit is not None and len(out) >= limit:
+            break
+        left = None if limit is None else limit - len(out)
+        if f.endswith(".jsonl"):
+            out += itertools.islice(_jsonl(f), left)
+        elif f.endswith(".json"):
+            out += itertools.islice(_json(f), left)
+        elif f.endswith(".parquet"):
+            out += itertools.islice(_parquet(f), left)
+        else:
+            raise ChatDataError(f"cannot read {f}: chat data is .jsonl, .json or .parquet")
+    return out
+
+
+def _jsonl(path):
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise ChatDataError(f"{path} line {i}: not valid JSON or UTF-8 ({e})") from None
+                yield _record(rec, f"{path} line {i}")
+
+
+def _json(path):
+    with open(path, "rb") as f:
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise ChatDataError(f"{path}: not valid JSON or UTF-8 ({e}); one record a line is .jsonl") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ChatDataError(f"{path}: a .json source holds a list of records, or {{\"data\": [...]}}")
+    for i, rec in enumerate(data):
+        yield _record(rec, f"{path} row {i}")
+
+
+def _parquet(path):
+    row = 0
+    for batch in _pyarrow().ParquetFile(path).iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            yield _record(rec, f"{path} row {row}")
+            row += 1
+
+
+def _hub_records(name, limit):
+    name, _, split = name.partition(":")
+    split = split or "train"
+    try:
+        import datasets
+    except ImportError:
+        raise ChatDataError(f"hub:{name} needs the datasets package (pip install datasets) and network access; or "
+                            f"pass local .jsonl/.json/.parquet files") from None
+    try:
+        # streaming reads only the first `limit` rows of a large mixture rather than downloading all of it
+        ds = datasets.load_dataset(name, split=split, streaming=limit is not None)
+        rows = list(itertools.islice(ds, limit))
+    except Exception as e:  # the hub raises many kinds (connection, offline, missing split); all end here
+        raise ChatDataError(f"could not load hub:{name} split {split!r} ({type(e).__name__}: {e}); the hub must be "
+                            f"reachable, or the dataset in the local datasets cache, or pass local files") from None
+    return [_record(dict(r), f"hub:{name} ({split}) row {i}") for i, r in enumerate(rows)]
+
+
+def _record(rec, where):
+    if not isinstance(rec, dict):
+        raise ChatDataError(f"{where}: a record is a JSON object, got {type(rec).__name__}")
+    return where, _present(rec)
+
+
+def _present(d):
+    # a table (parquet, hub) gives every row every column, null where the record has none
+    return {k: v for k, v in d.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# records -> messages
+
+
+def _messages(turns, where, field):
+    if not isinstance(turns, list) or not turns:
+        raise ChatDataError(f"{where}: {field!r} must be a non-empty list of messages")
+    out = []
+    for j, m in enumerate(turns):
+        if not isinstance(m, dict):
+            raise ChatDataError(f"{where}: {field}[{j}] is {type(m).__name__}, not a message object")
+        m = _present(m)
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role not in ROLES:
+            raise ChatDataError(f"{where}: {field}[{j}] has role {role!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ChatDataError(f"{where}: {field}[{j}] content is {type(content).__name__}, not a string")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def _text_or_messages(value, role, where, field):
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _messages(value, where, field)
+
+
+def _need_assistant_end(msgs, where, what):
+    if msgs[-1]["role"] != "assistant":
+        raise ChatDataError(f"{where}: {what} ends with a {msgs[-1]['role']} turn, not an assistant one")
+
+
+def sft_messages(rec, where="record"):
+    """The conversation of an SFT record (any format of the module docstring) as [{role, content}]."""
+    if "messages" in rec:
+        msgs = _messages(rec["messages"], where, "messages")
+    elif "conversations" in rec:
+        msgs = _messages(rec["conversations"], where, "conversations")
+    elif "prompt" in rec and "completion" in rec:
+        msgs = (_text_or_messages(rec["prompt"], "user", where, "prompt")
+                + _text_or_messages(rec["completion"], "assistant", where, "completion"))
+    else:
+        raise ChatDataError(f"{where}: an SFT record has 'messages', 'conversations' or 'prompt' and 'completion' "
+                            f"(this one has: {', '.join(rec) or 'nothing'})")
+    if isinstance(rec.get("system"), str) and rec["system"] and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": rec["system"]})
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ChatDataError(f"{where}: the conversation has no assistant turn, so nothing to learn")
+    return msgs
+
+
+def dpo_messages(rec, where="record"):
+    """(prompt, chosen, rejected) message lists of a DPO record (see the module docstring)."""
+    missing = [k for k in ("chosen", "rejected") if k not in rec]
+    if missing:
+        raise ChatDataError(f"{where}: a DPO record has 'chosen' and 'rejected' (missing: {', '.join(missing)})")
+    c, r, p = rec["chosen"], rec["rejected"], rec.get("prompt")
+    if isinstance(c, str) and isinstance(r, str):
+        if p is None:
+            raise ChatDataError(f"{where}: string 'chosen' and 'rejected' need a 'prompt'")
+        return (_text_or_messages(p, "user", where, "prompt"), [{"role": "assistant", "content": c}],
+                [{"role": "assistant", "content": r}])
+    if isinstance(c, str) or isinstance(r, str):
+        raise ChatDataError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
+    c, r = _messages(c, where, "chosen"), _messages(r, where, "rejected")
+    if isinstance(p, list):
+        pm = _messages(p, where, "prompt")
+        c, r = pm + c, pm + r
+    k = 0
+    while k < min(len(c), len(r)) and c[k] == r[k]:
+        k += 1
+    if k == 0:
+        raise ChatDataError(f"{where}: chosen and rejected share no first turn, so there is no common prompt")
+    if k == len(c) or k == len(r):
+        raise ChatDataError(f"{where}: chosen and rejected must both go on after their {k} shared turns")
+    _need_assistant_end(c, where, "chosen")
+    _need_assistant_end(r, where, "rejected")
+    return c[:k], c[k:], r[k:]
+
+
+def load_sft(source, limit=None):
+    """The conversations of an SFT source."""
+    return [sft_messages(r, where) for where, r in load_records(source, limit)]
+
+
+def load_dpo(source, limit=None):
+    """The (prompt, chosen, rejected) message lists of a DPO source."""
+    return [dpo_messages(r, where) for where, r in load_records(source, limit)]
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizing
+
+
+def tulu_ids(tok, messages):
+    """(ids, mask) of a conversation in the Tulu chat format; mask marks assistant content and its eos."""
+    if tok.eot_id is None:
+        raise ValueError(f"the Tulu chat format ends assistant turns with an end-of-text token; {tok!r} has none")
+    ids, mask = [], []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            pieces = [("<|assistant|>\n", 0), (m["content"], 1), (tok.eot_id, 1)]
+            pieces += [("\n", 0)] if i < len(messages) - 1 else []
+        else:
+            pieces = [(f"<|{m['role']}|>\n{m['content']}\n", 0)]
+        for piece, learn in pieces:
+            new = [piece] if isinstance(piece, int) else tok.encode(piece)
+            ids += new
+            mask += [learn] * len(new)
+    return ids, mask
+
+
+def chat_format(tok):
+    """The format chat_ids renders in: the tokenizer's own (llama3, chatml, llama2; "template" for an hf: folder's
+    chat template), else "tulu"."""
+    if tok.chat_format != "plain":
+        return tok.chat_format
+    return "template" if isinstance(tok, HFTokenizer) and tok.tok.chat_template else "tulu"
+
+
+def chat_ids(tok, messages):
+    """(ids, mask) of a conversation in the tokenizer's own chat format, or in the Tulu format where it has none."""
+    return tulu_ids(tok, messages) if chat_format(tok) == "tulu" else tok.encode_chat(messages)
+
+
+def _shift(ids, mask, max_len):
+    # the convention of the module docstring; None when truncation left nothing to learn
+    ids, mask = ids[:max_len + 1], mask[:max_len + 1]
+    labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    return (ids[:-1], labels) if any(m for m in mask[1:]) else None
+
+
+def tokenize_sft(tok, messages, max_len):
+    """(input_ids, labels) of one conversation, at most max_len long; None if no learned token survives truncation."""
+    return _shift(*chat_ids(tok, messages), max_len)
+
+
+def tokenize_pair(tok, prompt, chosen, rejected, max_len):
+    """{chosen_ids, chosen_labels, rejected_ids, rejected_labels} of one preference pair, labels on the completion
+    only; None if truncation leaves either completion without a learned token."""
+    p_ids, _ = chat_ids(tok, prompt)
+    out = {}
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        ids, mask = chat_ids(tok, prompt + completion)
+        if ids[:len(p_ids)] != p_ids:
+            raise ValueError(f"the {tok.name} chat format renders the prompt differently alone than before its "
+                             f"completion, so the prompt tokens cannot be told apart")
+        seq = _shift(ids, [0] * len(p_ids) + mask[len(p_ids):], max_len)
+        if seq is None:
+            return None
+        out[f"{name}_ids"], out[f"{name}_labels"] = seq
+    return out
+
+
+def tokenize_all(tok, convs, max_len):
+    """SFT examples of many conversations, and how many were dropped for having nothing left to learn."""
+    seqs = [tokenize_sft(tok, m, max_len) for m in convs]
+    return [s for s in seqs if s is not None], sum(s is None for s in seqs)
+
+
+def tokenize_pairs(tok, triples, max_len):
+    """DPO items of many (prompt, chosen, rejected), and how many were dropped for having nothing left to learn."""
+    items = [tokenize_pair(tok, *t, max_len) for t in triples]
+    return [x for x in items if x is not None], sum(x is None for x in items)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rows and batches
+
+
+def _add(row, ids, labels):
+    seg = row["segments"][-1] + 1 if row["segments"] else 0
+    row["input_ids"] += ids
+    row["labels"] += labels
+    row["positions"] += range(len(ids))
+    row["segments"] += [seg] * len(ids)
+    return row
+
+
+def _row():
+    return {"input_ids": [], "labels": [], "positions": [], "segments": []}
+
+
+def pack_sft(examples, max_len):
+    """Rows of several examples each, at most max_len tokens, filled greedily in order. positions restart at 0 and
+    segments count up from 0 at each example, for a model that keeps attention and RoPE within an example."""
+    rows = []
+    for ids, labels in examples:
+        if len(ids) > max_len:
+            raise ValueError(f"an example of {len(ids)} tokens does not fit max_len={max_len}")
+        if not rows or len(rows[-1]["input_ids"]) + len(ids) > max_len:
+            rows.append(_row())
+        _add(rows[-1], ids, labels)
+    return rows
+
+
+def unpacked_rows(examples):
+    """One example a row, in the structure pack_sft gives (one segment)."""
+    return [_add(_row(), ids, labels) for ids, labels in examples]
+
+
+def _pad(seqs, T, fill):
+    out = torch.full((len(seqs), T), fill, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if len(s) > T:
+            raise ValueError(f"a sequence of {len(s)} tokens does not fit the batch length {T}")
+        out[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(rows, pad_id, length=None):
+    """LongTensors (B, T) of rows, right-padded to the longest row, or to `length` (a fixed T keeps shapes static
+    for torch.compile): input_ids with pad_id, labels with -100, positions with 0, segments with -1."""
+    T = length or max(len(r["input_ids"]) for r in rows)
+    fills = {"input_ids": pad_id, "labels": IGNORE, "positions": 0, "segments": -1}
+    return {k: _pad([r[k] for r in rows], T, v) for k, v in fills.items()}
+
+
+def collate_pairs(items, pad_id, length=None):
+    """LongTensors (B, T) of DPO items, chosen and rejected padded to one T, so that
+    torch.cat([chosen_ids, rejected_ids]) is a single (2B, T) batch."""
+    T = length or max(len(x[f"{k}_ids"]) for x in items for k in ("chosen", "rejected"))
+    return {f"{k}_{part}": _pad([x[f"{k}_{part}"] for x in items], T, pad_id if part == "ids" else IGNORE)
+            for k in ("chosen", "rejected") for part in ("ids", "labels")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# toy data: tasks a small model learns in minutes on a CPU, with answers that can be checked
+
+
+SYSTEMS = ["You are a helpful assistant.", "Answer with the result only."]
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "green", "north", "candle", "mirror", "sugar"]
+
+
+def _task(rng):
+    """(question, answer, a wrong answer) of one random task."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        return f"What is {a} + {b}?", str(a + b), str(wrong)
+    w = rng.choice(WORDS) if rng.random() < 0.5 else "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=5))
+    if kind == 1:
+        # wrong: the reversal with two neighbouring letters swapped, close to right but never right
+        r = w[::-1]
+        i = rng.choice([j for j in range(len(r) - 1) if r[j] != r[j + 1]] or [None])
+        return f"Reverse the word: {w}", r, r[:-1] if i is None else r[:i] + r[i + 1] + r[i] + r[i + 2:]
+    return f"Uppercase: {w}", w.upper(), w
+
+
+def make_toy_sft(n, seed=0):
+    """n SFT records, alternately OpenAI-style `messages` and ShareGPT `conversations`; some with a system prompt,
+    some with two question-answer turns."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.3 else []
+        for _ in range(2 if rng.random() < 0.25 else 1):
+            q, a, _ = _task(rng)
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        if i % 2:
+            who = {"system": "system", "user": "human", "assistant": "gpt"}
+            records.append({"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in msgs]})
+        else:
+            records.append({"messages": msgs})
+    return records
+
+
+def make_toy_dpo(n, seed=0):
+    """n preference records {prompt, chosen, rejected}: chosen is always the right answer, rejected a near miss."""
+    rng = random.Random(seed)
+    return [dict(zip(("prompt", "chosen", "rejected"), _task(rng))) for _ in range(n)]
+
+
+def write_jsonl(records, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)

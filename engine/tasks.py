@@ -1,0 +1,200 @@
+"""What the training loop trains on: one task per objective, each a deterministic batch source and a loss.
+
+    batch(it, micro)         the batch of global micro-step `micro` of iteration `it`: a pure function of
+                             (seed, it, micro), so resume and a change of world size see the same data
+    loss(model, batch)       (mean loss over the batch, {metric: 0-d tensor})
+    weight(batch)            what the batch's loss is a mean over: target tokens (pretraining, SFT) or pairs (DPO).
+                             The loop averages micro-batches by weight, so the logged loss of an iteration is the mean
+                             over all its tokens or pairs whatever the batch layout (packing, accumulation, ranks)
+    tokens(batch)            the real (unpadded) tokens in the batch, for throughput
+    eval_batch(split, k)     the k-th fixed evaluation batch of "train" or "val"
+    iters_per_epoch          for epoch-based schedules (SFT, DPO); None for pretraining
+"""
+import math
+import os
+
+import numpy as np
+import torch
+
+from engine.chat_data import (
+    IGNORE,
+    collate,
+    collate_pairs,
+    load_dpo,
+    load_sft,
+    pack_sft,
+    tokenize_all,
+    tokenize_pairs,
+    unpacked_rows,
+)
+from engine.config import ConfigError
+from engine.data import EVAL, BatchSampler
+from engine.dpo import ReferenceCache, compute_reference, dpo_loss, reduce_logps, reference_key, sequence_logps
+
+SHUFFLE = 7  # stream tag of the per-epoch permutations
+
+
+class PretrainTask:
+    metric_names = ()
+    static_weights = True  # every micro-batch weighs B * T tokens
+
+    def __init__(self, cfg, data, block_size):
+        self.sampler = BatchSampler(data, cfg.batch_size, block_size, cfg.seed)
+        self.iters_per_epoch = None
+
+    def batch(self, it, micro):
+        x, y = self.sampler.batch("train", it, micro)
+        return {"input_ids": x, "labels": y}
+
+    def eval_batch(self, split, k):
+        x, y = self.sampler.batch(split, k, stream=EVAL if split == "train" else None)
+        return {"input_ids": x, "labels": y}
+
+    def loss(self, model, b):
+        _, loss = model(b["input_ids"], b["labels"])
+        return loss, {}
+
+    def weight(self, b):
+        return b["labels"].numel()
+
+    def tokens(self, b):
+        return b["input_ids"].numel()
+
+
+class EpochTask:
+    """Examples drawn without replacement, epoch after epoch, in a seeded order per epoch."""
+
+    static_weights = False  # tokens per batch vary (SFT); DPO's pair counts do not, but cost nothing to count
+
+    def __init__(self, cfg, train, val):
+        if not train:
+            raise ConfigError(f"{cfg.dataset}: no training examples left after tokenization and the val split")
+        self.train, self.val, self.seed = train, val, cfg.seed
+        self.B, self.ga = cfg.batch_size, cfg.gradient_accumulation_steps
+        self.iters_per_epoch = math.ceil(len(train) / (self.B * self.ga))
+        self._perms = {}
+
+    def _order(self, epoch):
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, SHUFFLE, epoch]).permutation(len(self.train))}
+        return self._perms[epoch]
+
+    def indices(self, it, micro):
+        first = (it * self.ga + micro) * self.B
+        return [int(self._order(p // len(self.train))[p % len(self.train)]) for p in range(first, first + self.B)]
+
+    def eval_indices(self, split, k):
+        pool = self.val if split == "val" else self.train
+        first = k * self.B
+        return [i % len(pool) for i in range(first, first + self.B)]
+
+
+def split_val(n, cfg):
+    """Seeded held-out examples: (train indices, val indices)."""
+    n_val = min(n - 1, max(1, round(cfg.val_fraction * n))) if cfg.val_fraction > 0 and n > 1 else 0
+    order = np.random.default_rng([cfg.seed, SHUFFLE + 1]).permutation(n)  # a stream of its own
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+class SFTTask(EpochTask):
+    """Next-token loss on the assistant tokens of chat data; rows optionally packed with per-example attention."""
+
+    metric_names = ()
+
+    def __init__(self, cfg, tok, max_len, log=print):
+        convs = load_sft(cfg.dataset, limit=cfg.max_examples)
+        examples, dropped = tokenize_all(tok, convs, max_len)
+        if dropped:
+            log(f"sft: {dropped} of {len(convs)} conversations have no assistant token within max_seq_length="
+                f"{max_len} and are left out")
+        tr, va = split_val(len(examples), cfg)
+        pick = lambda ids: [examples[i] for i in ids]  # noqa: E731
+        rows = pack_sft if cfg.packing else lambda ex, _: unpacked_rows(ex)
+        super().__init__(cfg, rows(pick(tr), max_len), rows(pick(va), max_len))
+        self.pad, self.packing = tok.eot_id if tok.eot_id is not None else 0, cfg.packing
+        log(f"sft: {len(tr)} train and {len(va)} val conversations in {len(self.train)} + {len(self.val)} rows "
+            f"({'packed' if cfg.packing else 'one per row'}), {self.iters_per_epoch} iterations per epoch")
+
+    def _collate(self, rows):
+        return collate(rows, self.pad)
+
+    def batch(self, it, micro):
+        return self._collate([self.train[i] for i in self.indices(it, micro)])
+
+    def eval_batch(self, split, k):
+        pool = self.val if split == "val" else self.train
+        return self._collate([pool[i] for i in self.eval_indices(split, k)])
+
+    def loss(self, model, b):
+        extra = {"pos": b["positions"], "seg": b["segments"]} if self.packing else {}
+        _, loss = model(b["input_ids"], b["labels"], **extra)
+        return loss, {}
+
+    def weight(self, b):
+        return (b["labels"] != IGNORE).sum()
+
+    def tokens(self, b):
+        return (b["segments"] >= 0).sum()
+
+
+class DPOTask(EpochTask):
+    """DPO against the starting policy, whose log-probs are computed once and cached on disk."""
+
+    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+                    "logps/rejected")
+
+    def __init__(self, cfg, tok, max_len, log=print):
+        triples = load_dpo(cfg.dataset, limit=cfg.max_examples)
+        self.items, dropped = tokenize_pairs(tok, triples, max_len)
+        if dropped:
+            log(f"dpo: {dropped} of {len(triples)} pairs have no completion token within max_seq_length={max_len} "
+                "and are left out")
+        tr, va = split_val(len(self.items), cfg)
+        super().__init__(cfg, tr, va)
+        self.cfg, self.tok, self.max_len, self.pad = cfg, tok, max_len, tok.eot_id if tok.eot_id is not None else 0
+        self.ref, self.key = None, None
+        log(f"dpo: {len(tr)} train and {len(va)} val pairs, {self.iters_per_epoch} iterations per epoch")
+
+    def reference(self, model, wrapped, device, ctx, dtype, saved_key=None, log=print):
+        """Load or compute the reference log-probs of every pair. `model` is the starting policy before any
+        wrapping (its weights enter the cache key); `wrapped` runs the forward passes. A resumed run passes the key
+        its checkpoint recorded, since its weights are no longer the starting policy's."""
+        self.key = saved_key or reference_key(self.items, model, self.tok, self.max_len, dtype=dtype)
+        cache = ReferenceCache(self.cfg.reference_cache_dir or os.path.join(self.cfg.out_dir, "reference_cache"),
+                               self.key)
+        if saved_key is not None:
+            self.ref = cache.load()  # raises, naming the file, if the starting policy's log-probs are gone
+        else:
+            self.ref = cache.load_or_compute(
+                lambda: compute_reference(wrapped, self.items, self.cfg.batch_size, device, ctx), device, log)
+        self.ref = {k: v.to(device) for k, v in self.ref.items()}
+
+    def _collate(self, idx):
+        items = [self.items[i] for i in idx]
+        b = collate_pairs(items, self.pad)
+        b["idx"] = torch.tensor(idx)
+        b["n_tokens"] = torch.tensor(sum(len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items))
+        return b
+
+    def batch(self, it, micro):
+        return self._collate([self.train[i] for i in self.indices(it, micro)])
+
+    def eval_batch(self, split, k):
+        pool = self.val if split == "val" else self.train
+        return self._collate([pool[i] for i in self.eval_indices(split, k)])
+
+    def loss(self, model, b):
+        kind, idx = self.cfg.dpo_loss_type, b["idx"]
+        logits, _ = model(torch.cat([b["chosen_ids"], b["rejected_ids"]]))  # one (2B, T) forward
+        pi_c, pi_r = reduce_logps(*sequence_logps(logits, torch.cat([b["chosen_labels"], b["rejected_labels"]])),
+                                  kind).chunk(2)
+        ref_c = reduce_logps(self.ref["chosen_logps"][idx], self.ref["chosen_tokens"][idx], kind)
+        ref_r = reduce_logps(self.ref["rejected_logps"][idx], self.ref["rejected_tokens"][idx], kind)
+        loss, metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.cfg.dpo_beta, kind, self.cfg.dpo_label_smoothing)
+        return loss, {k: v for k, v in metrics.items() if k != "loss"}
+
+    def weight(self, b):
+        return len(b["idx"])
+
+    def tokens(self, b):
+        return b["n_tokens"]

@@ -1,0 +1,185 @@
+"""SFT and DPO through train.py: packing changes speed not results, the loss falls, preferences are learned, the
+reference model is never run during training, and both objectives run on 2 gloo ranks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import train
+from engine.chat_data import (
+    collate,
+    make_toy_dpo,
+    make_toy_sft,
+    pack_sft,
+    sft_messages,
+    tokenize_all,
+    unpacked_rows,
+    write_jsonl,
+)
+from engine.config import ConfigError, parse_args
+from engine.tasks import DPOTask
+from engine.tokenizers import get_tokenizer
+from model import GPT, ModelConfig
+
+SFT = ["--objective=sft", "--tokenizer=gpt2", "--device=cpu", "--preset=tiny_gpt2", "--block_size=64",
+       "--max_seq_length=64", "--batch_size=8", "--learning_rate=2e-3", "--min_lr=2e-4", "--warmup_iters=2",
+       "--eval_iters=2", "--log_interval=1", "--gradient_log_interval=0", "--val_fraction=0.05"]
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat")
+    write_jsonl(make_toy_sft(300, seed=0), folder / "sft.jsonl")
+    write_jsonl(make_toy_dpo(200, seed=1), folder / "dpo.jsonl")
+    return folder
+
+
+def run_log(out_dir):
+    [p] = [p for p in os.listdir(out_dir) if p.startswith("run_") and p.endswith(".json")]
+    return json.load(open(os.path.join(out_dir, p)))
+
+
+@pytest.mark.parametrize("backend", ["manual", "sdpa"])
+def test_packed_rows_give_the_unpacked_loss_and_gradients(backend):
+    tok = get_tokenizer("gpt2")
+    examples, _ = tokenize_all(tok, [sft_messages(r) for r in make_toy_sft(12, seed=3)], 64)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=tok.vocab_size + 7, attention_backend=backend))
+    packed = collate(pack_sft(examples, 64), tok.eot_id)
+    plain = collate(unpacked_rows(examples), tok.eot_id)
+    assert packed["input_ids"].size(0) < plain["input_ids"].size(0)  # packing really merged rows
+    _, a = model(packed["input_ids"], packed["labels"], pos=packed["positions"], seg=packed["segments"])
+    a.backward()
+    ga = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, b = model(plain["input_ids"], plain["labels"])
+    b.backward()
+    assert abs(a.item() - b.item()) < 1e-5
+    for g, p in zip(ga, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5)
+    _, wrong = model(packed["input_ids"], packed["labels"])  # without the masks, examples would see each other
+    assert abs(wrong.item() - b.item()) > 1e-4
+
+
+def test_packing_in_learned_position_models_restarts_positions():
+    tok = get_tokenizer("gpt2")
+    examples, _ = tokenize_all(tok, [sft_messages(r) for r in make_toy_sft(6, seed=5)], 64)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny_gpt2", vocab_size=tok.vocab_size, block_size=64))
+    packed, plain = collate(pack_sft(examples, 64), tok.eot_id), collate(unpacked_rows(examples), tok.eot_id)
+    _, a = model(packed["input_ids"], packed["labels"], pos=packed["positions"], seg=packed["segments"])
+    _, b = model(plain["input_ids"], plain["labels"])
+    assert abs(a.item() - b.item()) < 1e-5
+
+
+def test_sft_loss_falls_and_logs_its_metrics(chat, tmp_path):
+    res = train.main(parse_args(SFT + [f"--dataset={chat / 'sft.jsonl'}", f"--out_dir={tmp_path}",
+                                       "--num_train_epochs=2", "--eval_interval=1000", "--packing=True"]),
+                     log=lambda *a: None)
+    doc = run_log(tmp_path)
+    its = doc["training_iterations"]
+    assert doc["config"]["max_iters"] == len(its) and len(its) >= 10  # set by num_train_epochs
+    assert sum(r["loss"] for r in its[-3:]) / 3 < its[0]["loss"] - 2.0
+    assert {"train_loss", "learning_rate", "total_tokens", "per_device_tps"} <= set(its[-1])
+    assert its[-1]["total_tokens"] > its[0]["total_tokens"] > 0
+    assert res["final"]["val"] < doc["evals"][0]["val_loss"]
+
+
+def test_sft_resume_and_accumulation_layouts(chat, tmp_path):
+    common = SFT + [f"--dataset={chat / 'sft.jsonl'}", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3",
+                    "--packing=True"]
+    train.main(parse_args(common + [f"--out_dir={tmp_path / 'a'}", "--batch_size=8"]), log=lambda *a: None)
+    train.main(parse_args(common + [f"--out_dir={tmp_path / 'b'}", "--batch_size=4",
+                                    "--gradient_accumulation_steps=2"]), log=lambda *a: None)
+    a = {r["iter"]: r["loss"] for r in run_log(tmp_path / "a")["training_iterations"]}
+    b = {r["iter"]: r["loss"] for r in run_log(tmp_path / "b")["training_iterations"]}
+    assert all(abs(a[i] - b[i]) < 1e-5 for i in a)  # token-weighted: the layout of the batch does not matter
+
+
+def test_dpo_learns_the_rule_without_running_the_reference(chat, tmp_path, monkeypatch):
+    sft_dir = tmp_path / "sft"
+    train.main(parse_args(SFT + [f"--dataset={chat / 'sft.jsonl'}", f"--out_dir={sft_dir}", "--max_iters=30",
+                                 "--eval_interval=30"]), log=lambda *a: None)
+    forwards = {"train": 0, "reference": 0}
+    real_ref, real_loss = DPOTask.reference, DPOTask.loss
+
+    def counting_reference(self, *a, **k):
+        forwards["reference"] += 1
+        return real_ref(self, *a, **k)
+
+    def counting_loss(self, model, b):
+        forwards["train"] += model.training
+        return real_loss(self, model, b)
+
+    monkeypatch.setattr(DPOTask, "reference", counting_reference)
+    monkeypatch.setattr(DPOTask, "loss", counting_loss)
+    calls = {"n": 0}
+    real_forward = GPT.forward
+
+    def counted(self, *a, **k):
+        calls["n"] += 1
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(GPT, "forward", counted)
+    dpo = ["--objective=dpo", f"--dataset={chat / 'dpo.jsonl'}", f"--init_from={sft_dir}", "--device=cpu",
+           "--max_seq_length=64", "--batch_size=8", "--learning_rate=5e-4", "--min_lr=0", "--warmup_iters=2",
+           "--eval_iters=4", "--log_interval=1", "--gradient_log_interval=0", "--dpo_beta=0.1",
+           "--val_fraction=0.1", "--max_iters=40", "--eval_interval=40"]
+    train.main(parse_args(dpo + [f"--out_dir={tmp_path / 'dpo'}"]), log=lambda *a: None)
+    doc = run_log(tmp_path / "dpo")
+    n_eval = 2 * 2 * 4  # two evaluations, two splits, eval_iters batches
+    assert forwards["reference"] == 1
+    # the reference pass ran once over every pair before training; training ran one forward per micro-step
+    ref_batches = -(-len(make_toy_dpo(200, seed=1)) // 8)
+    assert calls["n"] == ref_batches + forwards["train"] + n_eval and forwards["train"] == 40
+    first, last = doc["evals"][0], doc["evals"][-1]
+    assert first["val_rewards/accuracy"] == 0.0 and abs(first["val_loss"] - 0.6931) < 1e-3  # policy = reference
+    assert last["val_rewards/accuracy"] > 0.6 and last["val_rewards/margin"] > first["val_rewards/margin"]
+    rec = doc["training_iterations"][-1]
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+              "logps/rejected"):
+        assert k in rec
+    # a second run finds the cached reference log-probs: no reference pass at all
+    calls["n"] = 0
+    train.main(parse_args(dpo + [f"--out_dir={tmp_path / 'dpo2'}", "--max_iters=1", "--eval_interval=1",
+                                 f"--reference_cache_dir={tmp_path / 'dpo' / 'reference_cache'}"]),
+               log=lambda *a: None)
+    assert calls["n"] == 1 + n_eval
+
+
+def test_post_training_config_errors(chat, tmp_path):
+    with pytest.raises(ConfigError, match="packing=True is for objective=sft"):
+        parse_args(["--packing=True"])
+    with pytest.raises(ConfigError, match="needs a tokenizer"):
+        train.main(parse_args(["--objective=sft", f"--dataset={chat / 'sft.jsonl'}", "--device=cpu",
+                               f"--out_dir={tmp_path}"]), log=lambda *a: None)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_post_training_on_two_ranks(chat, tmp_path, objective):
+    if objective == "sft":
+        args = SFT + [f"--dataset={chat / 'sft.jsonl'}", "--packing=True"]
+    else:
+        sft_dir = tmp_path / "sft"
+        train.main(parse_args(SFT + [f"--dataset={chat / 'sft.jsonl'}", f"--out_dir={sft_dir}", "--max_iters=2",
+                                     "--eval_interval=2"]), log=lambda *a: None)
+        args = ["--objective=dpo", f"--dataset={chat / 'dpo.jsonl'}", f"--init_from={sft_dir}", "--device=cpu",
+                "--max_seq_length=64", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
+                "--gradient_log_interval=0", "--warmup_iters=1"]
+    args += ["--gradient_accumulation_steps=2", "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=4"]
+    single = tmp_path / "one"
+    train.main(parse_args(args + [f"--out_dir={single}"]), log=lambda *a: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "train.py"), *args, f"--out_dir={tmp_path / 'two'}", "--use_zero1=True"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    a = {r["iter"]: r["loss"] for r in run_log(single)["training_iterations"]}
+    b = {r["iter"]: r["loss"] for r in run_log(tmp_path / "two")["training_iterations"]}
+    assert sorted(a) == sorted(b) and all(abs(a[i] - b[i]) < 1e-5 for i in a)

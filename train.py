@@ -188,7 +188,7 @@ def make_task(cfg, mc, T, data_dir, tok, log):
 
 def resolve_tokenizer(cfg, resume_meta, start_ckpt):
     """SFT and DPO need text: the tokenizer named, else a transformers init_from's own, else the one the starting
-    checkpoint's data was made with."""
+    checkpoint's data was made with. Returns (tokenizer, name, path)."""
     name, path = cfg.tokenizer, cfg.tokenizer_path
     if name is None and cfg.init_from not in ("scratch", "resume") and start_ckpt is None:
         name = f"hf:{cfg.init_from}"
@@ -204,7 +204,7 @@ def resolve_tokenizer(cfg, resume_meta, start_ckpt):
     if name is None:
         raise ConfigError(f"objective={cfg.objective} needs a tokenizer: set --tokenizer (gpt2, llama3, qwen3, ...)")
     try:
-        return get_tokenizer(name, path)
+        return get_tokenizer(name, path), name, path
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         raise ConfigError(f"tokenizer {name!r}: {e}") from e
 
@@ -281,8 +281,9 @@ def run(cfg, d, log, stop=None):
         data_dir, tok = resolve_dataset_dir(cfg.dataset), None
         vocab = TokenDataset(data_dir, check_ids=False).vocab_size  # vocabulary first, so the model can size itself
     else:
-        data_dir, tok = None, resolve_tokenizer(cfg, resume_meta, start_ckpt)
-        vocab = tok.vocab_size
+        tok, name, path = resolve_tokenizer(cfg, resume_meta, start_ckpt)
+        cfg = dataclasses.replace(cfg, tokenizer=name, tokenizer_path=path)  # recorded, so later tools find it
+        data_dir, vocab = None, tok.vocab_size
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     start_meta = load_meta(start_ckpt) if start_ckpt else None
     model = build_model(cfg, vocab, backend, resume_meta or start_meta).to(device)

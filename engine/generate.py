@@ -7,6 +7,8 @@ whenever the cache fills (so refills stay rare); from there on the two may diffe
 """
 import torch
 
+from engine.chat_data import chat_format, chat_ids
+
 
 class LayerCache:
     """One layer's keys and values, (B, max_len, KV, hs), allocated at the first update in that call's dtype."""
@@ -103,25 +105,25 @@ def chat_prompt(tok, user_text):
     """Prompt ids for a one-turn chat (the user's message, then the header of the assistant's reply) and the ids
     that end the reply, in the tokenizer's chat format.
 
-    A minimal stand-in until a full chat-template module exists: the conversation comes from tok.encode_chat, and
-    only the opening of the assistant's turn is written here.
+    The conversation is rendered as SFT renders it (engine/chat_data.chat_ids); only the opening of the
+    assistant's turn is written here.
     """
     msgs = [{"role": "user", "content": user_text}]
-    hf = getattr(tok, "tok", None)  # a transformers tokenizer (hf:<dir>) renders its own template
-    if hf is not None and getattr(hf, "chat_template", None):
-        ids = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        return list(ids), {tok.eot_id} - {None}
-    ids, _ = tok.encode_chat(msgs)
+    fmt = chat_format(tok)  # the format SFT trained in (engine/chat_data.py)
+    if fmt == "template":  # a transformers tokenizer (hf:<dir>) renders its own template
+        ids = tok.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(ids["input_ids"]), {tok.eot_id} - {None}
+    ids, _ = chat_ids(tok, msgs)
     sp = tok.special_tokens
-    if tok.chat_format == "llama3":
+    if fmt == "llama3":
         ids += [sp["<|start_header_id|>"], *tok.encode("assistant"), sp["<|end_header_id|>"], *tok.encode("\n\n")]
         end = sp["<|eot_id|>"]
-    elif tok.chat_format == "chatml":
+    elif fmt == "chatml":
         ids += [sp["<|im_start|>"], *tok.encode("assistant\n")]
         end = sp["<|im_end|>"]
-    elif tok.chat_format == "llama2":  # the reply follows [/INST] directly
+    elif fmt == "llama2":  # the reply follows [/INST] directly
         end = tok.eot_id
-    else:
-        ids += tok.encode("assistant: ")
+    else:  # tulu
+        ids += tok.encode("<|assistant|>\n")
         end = tok.eot_id
     return ids, {end} - {None}

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from engine.chat_data import (
     IGNORE,
@@ -159,7 +161,13 @@ class DPOTask(EpochTask):
         """Load or compute the reference log-probs of every pair. `model` is the starting policy before any
         wrapping (its weights enter the cache key); `wrapped` runs the forward passes. A resumed run passes the key
         its checkpoint recorded, since its weights are no longer the starting policy's."""
-        self.key = saved_key or reference_key(self.items, model, self.tok, self.max_len, dtype=dtype)
+        self.key = saved_key
+        if saved_key is None:  # hashed on rank 0, which gathers the full weights whatever the sharding
+            weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            key = [reference_key(self.items, weights, self.tok, self.max_len, dtype=dtype) if weights else None]
+            if dist.is_initialized():
+                dist.broadcast_object_list(key, src=0)
+            self.key = key[0]
         cache = ReferenceCache(self.cfg.reference_cache_dir or os.path.join(self.cfg.out_dir, "reference_cache"),
                                self.key)
         if saved_key is not None:

@@ -161,8 +161,8 @@ def test_post_training_config_errors(chat, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_post_training_on_two_ranks(chat, tmp_path, objective):
+@pytest.mark.parametrize("objective,mode", [("sft", "ddp"), ("sft", "fsdp"), ("dpo", "zero1"), ("dpo", "fsdp")])
+def test_post_training_on_two_ranks(chat, tmp_path, objective, mode):
     if objective == "sft":
         args = SFT + [f"--dataset={chat / 'sft.jsonl'}", "--packing=True"]
     else:
@@ -177,9 +177,54 @@ def test_post_training_on_two_ranks(chat, tmp_path, objective):
     train.main(parse_args(args + [f"--out_dir={single}"]), log=lambda *a: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "train.py"), *args, f"--out_dir={tmp_path / 'two'}", "--use_zero1=True"],
+                          os.path.join(ROOT, "train.py"), *args, f"--out_dir={tmp_path / 'two'}",
+                          *{"ddp": [], "zero1": ["--use_zero1=True"], "fsdp": ["--use_fsdp=True"]}[mode]],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     a = {r["iter"]: r["loss"] for r in run_log(single)["training_iterations"]}
     b = {r["iter"]: r["loss"] for r in run_log(tmp_path / "two")["training_iterations"]}
     assert sorted(a) == sorted(b) and all(abs(a[i] - b[i]) < 1e-5 for i in a)
+
+
+def test_sft_from_a_transformers_dir_exports_back(chat, tmp_path):
+    """Start from a local transformers model with its own tokenizer and chat template, fine-tune, export: the
+    exported folder loads in transformers as the same class and gives our logits."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, GPT2TokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from engine.checkpoint import list_checkpoints, load_checkpoint
+    from engine.tokenizers import tokenizer_file
+    from tools.export_hf import export
+
+    src = tmp_path / "base"
+    src.mkdir()
+    files = tokenizer_file("gpt2")[0].parent
+    shutil.copy(files / "encoder.json", src / "vocab.json")
+    shutil.copy(files / "vocab.bpe", src / "merges.txt")
+    hf_tok = GPT2TokenizerFast.from_pretrained(str(src))
+    hf_tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}"
+                            "{% endfor %}")
+    hf_tok.save_pretrained(src)
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=50304, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        tie_word_embeddings=True))
+    base.save_pretrained(src)
+    out = tmp_path / "sft"
+    train.main(parse_args(["--objective=sft", f"--dataset={chat / 'sft.jsonl'}", f"--init_from={src}",
+                           f"--out_dir={out}", "--device=cpu", "--max_seq_length=64", "--batch_size=4",
+                           "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--gradient_log_interval=0",
+                           "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=1"]), log=lambda *a: None)
+    state = load_checkpoint(list_checkpoints(out)[-1])
+    assert state["config"]["tokenizer"] == f"hf:{src}"  # taken from init_from, and recorded
+    export(str(out), str(tmp_path / "exported"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ours = GPT(ModelConfig.from_dict(state["model_config"])).eval()
+    ours.load_state_dict(state["model"])
+    idx = torch.randint(0, 50257, (2, 17))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max() < 1e-4
+        assert not torch.allclose(hf(idx).logits, base.eval()(idx).logits, atol=1e-3)  # it did train
+    assert (tmp_path / "exported" / "tokenizer.json").exists() or (tmp_path / "exported" / "vocab.json").exists()

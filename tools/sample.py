@@ -34,7 +34,8 @@ def load_model(args):
     # sdpa runs everywhere; dropout is off for sampling whatever the run trained with
     model = GPT(ModelConfig.from_dict({**state["model_config"], "attention_backend": "sdpa", "dropout": 0.0}))
     model.load_state_dict(state["model"])
-    return model, (state.get("config") or {}).get("dataset"), f"{path} (iteration {state['iter_num']})"
+    cfg = state.get("config") or {}  # SFT and DPO runs name their tokenizer; pretraining runs their dataset
+    return model, cfg.get("tokenizer") or cfg.get("dataset"), f"{path} (iteration {state['iter_num']})"
 
 
 def load_tokenizer(spec):

@@ -63,6 +63,9 @@ def setup_device(cfg, d):
                           f"{dev_type}")
     if dtype == "bfloat16" and dev_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("dtype=bfloat16 but this GPU does not support it; use --dtype=float16")
+    if cfg.use_cuda_graphs and dev_type != "cuda":
+        raise ConfigError(f"use_cuda_graphs needs CUDA, but the device is {dev_type}; leave it False (or use "
+                          "--compile=True)")
     if dtype == "float16" and cfg.use_fsdp:
         raise ConfigError("dtype=float16 with use_fsdp needs a sharded GradScaler, which this engine does not "
                           "have; use --dtype=bfloat16")
@@ -431,6 +434,8 @@ def run(cfg, d, log, stop=None):
             acc = torch.zeros(1 + len(task.metric_names), device=device)  # loss, metrics: weighted sums
             real = torch.zeros((), device=device)
             for m, b in enumerate(micro):
+                if cfg.use_cuda_graphs:  # the last replay's outputs have been consumed: its buffers may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
                 share = weights[m] / total_w
                 with D.grad_sync(model, m == local_ga - 1):
                     with ctx:

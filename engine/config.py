@@ -62,7 +62,8 @@ class TrainConfig:
     use_zero1: bool = key(False, "shard AdamW state across ranks (ZeRO-1: ZeroRedundancyOptimizer over DDP)")
     use_fsdp: bool = key(False, "FSDP2 fully_shard on each block and the root (bf16 params, fp32 reduce on CUDA)")
     fsdp_reshard_after_forward: bool = key(True, "FSDP: free gathered parameters after forward (less memory)")
-    use_cuda_graphs: bool = key(False, "capture the training step as a CUDA graph (not yet supported)")
+    use_cuda_graphs: bool = key(False, "CUDA only: capture forward and backward as CUDA graphs and replay them "
+                                       "(torch.compile's reduce-overhead mode; implies compile)")
     activation_checkpointing: bool = key(False, "recompute each block's activations in backward")
     use_dataloader: bool = key(False, "feed batches through a torch DataLoader with workers and pinned memory")
     dataloader_num_workers: int = key(2, "DataLoader worker processes when use_dataloader=True")
@@ -105,7 +106,6 @@ class TrainConfig:
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size", "vocab_size",
               "dropout", "bias", "qkv_bias", "norm", "norm_eps", "mlp", "pos_encoding", "rope_theta",
               "rope_scaling_factor", "qk_norm", "tie_embeddings")
-NOT_YET = {"use_cuda_graphs": "issue #6"}
 CHOICES = {"init_from": None, "objective": ("pretrain", "sft", "dpo"), "device": None,
            "dpo_loss_type": ("sigmoid", "dpo_norm"),
            "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -223,9 +223,11 @@ def validate(cfg):
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     if cfg.use_zero1 and cfg.use_fsdp:
         raise ConfigError("use_zero1 and use_fsdp are exclusive: FSDP already shards optimizer state")
-    for name, where in NOT_YET.items():
-        if getattr(cfg, name):
-            raise ConfigError(f"{name}=True is not yet supported ({where}); leave it False")
+    if cfg.use_cuda_graphs and cfg.use_fsdp:
+        raise ConfigError("use_cuda_graphs cannot capture FSDP's collectives; use it with DDP, ZeRO-1 or one GPU")
+    if cfg.use_cuda_graphs and cfg.objective != "pretrain":
+        raise ConfigError(f"use_cuda_graphs needs static shapes, but objective={cfg.objective} pads each batch to "
+                          "its longest row; use compile=True without graphs")
     for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
                  "log_interval"):
         if getattr(cfg, name) < 1:

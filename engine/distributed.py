@@ -102,7 +102,9 @@ def parallelize(model, cfg, d: Dist, device_type, dtype):
     owner = model
     if d.world_size > 1:
         model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
-    if cfg.compile:
+    if cfg.use_cuda_graphs:  # every step has the same shapes: replay captured graphs instead of launching kernels
+        model = torch.compile(model, mode="reduce-overhead")
+    elif cfg.compile:
         model = torch.compile(model)
     return model, owner
 

@@ -238,6 +238,8 @@ def test_cross_checks(dataset, tmp_path):
         run(str(tmp_path / "nowhere"), tmp_path / "o")
     with pytest.raises(ConfigError, match="flash-attn"):
         run(dataset, tmp_path / "o", "--attention_backend=flash_attn_2")
+    with pytest.raises(ConfigError, match="use_cuda_graphs needs CUDA"):
+        run(dataset, tmp_path / "o", "--use_cuda_graphs=True")
     with pytest.raises(ConfigError, match="unknown preset"):
         run(dataset, tmp_path / "o", "--preset=gpt5")
 
@@ -266,3 +268,20 @@ def test_resume_past_step_100_raises_no_loss_flag(dataset, tmp_path):
     res, _ = run(dataset, out, "--max_iters=112", "--eval_interval=105", "--init_from=resume")
     flags = json.load(open(res["run_log"]))["summary"]["health_flags"]
     assert not [f for f in flags if f["kind"] == "loss_not_falling"], flags
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("extra", [["--compile=True"], ["--use_cuda_graphs=True"], ["--dtype=float16"],
+                                   ["--attention_backend=auto", "--compile=True"]])
+def test_cuda_paths_train_and_match_eager(dataset, tmp_path, extra):
+    """bf16 autocast, fused AdamW, compile and CUDA graphs on a GPU: the loss curve follows the eager bf16 run."""
+    cuda = [a.replace("--device=cpu", "--device=cuda") for a in TINY]
+    cfg = parse_args(cuda + [f"--dataset={dataset}", f"--out_dir={tmp_path / 'eager'}", "--max_iters=20",
+                             "--eval_interval=20"])
+    ref = losses_of(train.main(cfg, log=lambda *a: None)["run_log"])
+    cfg = parse_args(cuda + [f"--dataset={dataset}", f"--out_dir={tmp_path / 'fast'}", "--max_iters=20",
+                             "--eval_interval=20", *extra])
+    got = losses_of(train.main(cfg, log=lambda *a: None)["run_log"])
+    assert all(abs(got[i] - ref[i]) < 0.05 * ref[i] for i in ref)
+    assert got[20] < got[1] - 0.5

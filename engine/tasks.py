@@ -64,7 +64,8 @@ class PretrainTask:
 
 
 class EpochTask:
-    """Examples drawn without replacement, epoch after epoch, in a seeded order per epoch."""
+    """Examples drawn without replacement, epoch after epoch, in a seeded order per epoch; subclasses turn a list of
+    their examples into a batch (_collate)."""
 
     static_weights = False  # tokens per batch vary (SFT); DPO's pair counts do not, but cost nothing to count
 
@@ -81,14 +82,14 @@ class EpochTask:
             self._perms = {epoch: np.random.default_rng([self.seed, SHUFFLE, epoch]).permutation(len(self.train))}
         return self._perms[epoch]
 
-    def indices(self, it, micro):
+    def batch(self, it, micro):
         first = (it * self.ga + micro) * self.B
-        return [int(self._order(p // len(self.train))[p % len(self.train)]) for p in range(first, first + self.B)]
+        n = len(self.train)
+        return self._collate([self.train[int(self._order(p // n)[p % n])] for p in range(first, first + self.B)])
 
-    def eval_indices(self, split, k):
+    def eval_batch(self, split, k):
         pool = self.val if split == "val" else self.train
-        first = k * self.B
-        return [i % len(pool) for i in range(first, first + self.B)]
+        return self._collate([pool[i % len(pool)] for i in range(k * self.B, (k + 1) * self.B)])
 
 
 def split_val(n, cfg):
@@ -119,13 +120,6 @@ class SFTTask(EpochTask):
 
     def _collate(self, rows):
         return collate(rows, self.pad)
-
-    def batch(self, it, micro):
-        return self._collate([self.train[i] for i in self.indices(it, micro)])
-
-    def eval_batch(self, split, k):
-        pool = self.val if split == "val" else self.train
-        return self._collate([pool[i] for i in self.eval_indices(split, k)])
 
     def loss(self, model, b):
         extra = {"pos": b["positions"], "seg": b["segments"]} if self.packing else {}
@@ -183,13 +177,6 @@ class DPOTask(EpochTask):
         b["idx"] = torch.tensor(idx)
         b["n_tokens"] = torch.tensor(sum(len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items))
         return b
-
-    def batch(self, it, micro):
-        return self._collate([self.train[i] for i in self.indices(it, micro)])
-
-    def eval_batch(self, split, k):
-        pool = self.val if split == "val" else self.train
-        return self._collate([pool[i] for i in self.eval_indices(split, k)])
 
     def loss(self, model, b):
         kind, idx = self.cfg.dpo_loss_type, b["idx"]

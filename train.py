@@ -298,7 +298,8 @@ def run(cfg, d, log, stop=None):
     if task.iters_per_epoch and cfg.num_train_epochs:
         cfg = dataclasses.replace(cfg, max_iters=max(1, math.ceil(cfg.num_train_epochs * task.iters_per_epoch)))
         log(f"{cfg.num_train_epochs} epochs of {task.iters_per_epoch} iterations: max_iters={cfg.max_iters}")
-    T = cfg.max_seq_length or T if cfg.objective != "pretrain" else T
+    if cfg.objective != "pretrain":
+        T = cfg.max_seq_length or T  # what one example spans, for the FLOP count
     num_params, flops_per_token = model.num_params(), model.flops_per_token(T)
 
     if start_ckpt:
@@ -369,8 +370,8 @@ def run(cfg, d, log, stop=None):
 
     def checkpoint(iter_num):
         nonlocal last_ckpt
-        rng_cpu = D.all_gather_floats(torch.get_rng_state())
-        rng_cuda = D.all_gather_floats(torch.cuda.get_rng_state()) if dev_type == "cuda" else []
+        rng_cpu = D.all_gather_objects(torch.get_rng_state())
+        rng_cuda = D.all_gather_objects(torch.cuda.get_rng_state()) if dev_type == "cuda" else []
         meta = {
             "iter_num": iter_num, "best_val_loss": best_val, "scaler": scaler.state_dict(),
             "rng": {"torch": rng_cpu, "cuda": rng_cuda},
@@ -474,8 +475,8 @@ def run(cfg, d, log, stop=None):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if per_rank is None:  # after the first step, when the optimizer state exists
-                per_rank = {"param_bytes": D.all_gather_floats(D.local_bytes(owner.parameters())),
-                            "optimizer_state_bytes": D.all_gather_floats(D.optimizer_state_bytes(optimizer))}
+                per_rank = {"param_bytes": D.all_gather_objects(D.local_bytes(owner.parameters())),
+                            "optimizer_state_bytes": D.all_gather_objects(D.optimizer_state_bytes(optimizer))}
             dt = time.time() - t0
             bar.update(1)
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:

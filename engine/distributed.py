@@ -67,7 +67,7 @@ def all_reduce_sum(t):
     return t
 
 
-def all_gather_floats(x):
+def all_gather_objects(x):
     """[x from rank 0, x from rank 1, ...]"""
     if not dist.is_initialized():
         return [x]

@@ -97,27 +97,25 @@ def our_checkpoint(path):
     """init_from may name one of our checkpoints, or a run's out_dir (its newest checkpoint): that folder, else None."""
     if os.path.isfile(os.path.join(path, "meta.pt")):
         return path
-    return list_checkpoints(path)[-1] if list_checkpoints(path) else None
+    found = list_checkpoints(path)
+    return found[-1] if found else None
 
 
-def build_model(cfg, data_vocab, backend, resume_meta):
+def build_model(cfg, data_vocab, backend, saved_meta):
     """A fresh model (weights still to load from a checkpoint); resumed, fine-tuned and transformers models keep
-    their architecture."""
-    if resume_meta is not None:
-        saved = {**resume_meta["model_config"], "attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size}
-        if cfg.dropout is not None:
-            saved["dropout"] = cfg.dropout
-        return GPT(ModelConfig.from_dict(saved))
-    if cfg.init_from == "scratch":
+    their architecture and take only this run's settings of how to compute (backend, loss chunks, dropout)."""
+    if cfg.init_from == "scratch" and saved_meta is None:
         return GPT(model_config(cfg, data_vocab, backend))
+    run = {"attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size}
+    if cfg.dropout is not None:
+        run["dropout"] = cfg.dropout
+    if saved_meta is not None:
+        return GPT(ModelConfig.from_dict({**saved_meta["model_config"], **run}))
     if not os.path.isdir(cfg.init_from):
         raise ConfigError(f"init_from={cfg.init_from!r} is not scratch, resume, one of our checkpoints, or a local "
                           "transformers checkpoint directory")
-    over = {"attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size}
-    if cfg.dropout is not None:
-        over["dropout"] = cfg.dropout
     try:
-        return GPT.from_hf(cfg.init_from, **over)
+        return GPT.from_hf(cfg.init_from, **run)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"init_from={cfg.init_from}: {e}") from e
 
@@ -131,17 +129,13 @@ def layer_groups(model):
     return groups
 
 
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def grad_norms_by_layer(model, groups):
     """Gradient norm of each layer group over the whole model (shards summed across ranks)."""
     names = sorted(set(groups.values()))
     sq = torch.zeros(len(names), device=next(model.parameters()).device)
     for name, p in model.named_parameters():
         if p.grad is not None:
-            sq[names.index(groups[name])] += _local(p.grad).detach().float().pow(2).sum()
+            sq[names.index(groups[name])] += D.local(p.grad).detach().float().pow(2).sum()
     if any(hasattr(p, "to_local") for p in model.parameters()):
         D.all_reduce_sum(sq)  # FSDP: each rank holds a shard of every gradient
     return dict(zip(names, sq.sqrt().tolist()))
@@ -149,7 +143,7 @@ def grad_norms_by_layer(model, groups):
 
 def nonfinite_grads(model):
     return [n for n, p in model.named_parameters()
-            if p.grad is not None and not torch.isfinite(_local(p.grad)).all()]
+            if p.grad is not None and not torch.isfinite(D.local(p.grad)).all()]
 
 
 @torch.no_grad()
@@ -189,13 +183,13 @@ def make_task(cfg, mc, T, data_dir, tok, log):
     return (SFTTask if cfg.objective == "sft" else DPOTask)(cfg, tok, max_len, log)
 
 
-def resolve_tokenizer(cfg, resume_meta, start_ckpt):
-    """SFT and DPO need text: the tokenizer named, else a transformers init_from's own, else the one the starting
-    checkpoint's data was made with. Returns (tokenizer, name, path)."""
+def resolve_tokenizer(cfg, saved_meta):
+    """SFT and DPO need text: the tokenizer named, else a transformers init_from's own, else the one the resumed or
+    starting checkpoint's run used (or its data was made with). Returns (tokenizer, name, path)."""
     name, path = cfg.tokenizer, cfg.tokenizer_path
-    if name is None and cfg.init_from not in ("scratch", "resume") and start_ckpt is None:
+    if name is None and cfg.init_from not in ("scratch", "resume") and saved_meta is None:
         name = f"hf:{cfg.init_from}"
-    saved = (resume_meta or {}).get("config") or (load_meta(start_ckpt)["config"] if start_ckpt else {})
+    saved = (saved_meta or {}).get("config") or {}
     if name is None and saved.get("tokenizer"):
         name, path = saved["tokenizer"], saved.get("tokenizer_path")
     if name is None and saved.get("dataset"):
@@ -280,16 +274,16 @@ def run(cfg, d, log, stop=None):
     start_ckpt = None
     if resume_meta is None and cfg.init_from not in ("scratch", "resume") and os.path.isdir(cfg.init_from):
         start_ckpt = our_checkpoint(cfg.init_from)
+    saved_meta = resume_meta or (load_meta(start_ckpt) if start_ckpt else None)
     if cfg.objective == "pretrain":
         data_dir, tok = resolve_dataset_dir(cfg.dataset), None
         vocab = TokenDataset(data_dir, check_ids=False).vocab_size  # vocabulary first, so the model can size itself
     else:
-        tok, name, path = resolve_tokenizer(cfg, resume_meta, start_ckpt)
+        tok, name, path = resolve_tokenizer(cfg, saved_meta)
         cfg = dataclasses.replace(cfg, tokenizer=name, tokenizer_path=path)  # recorded, so later tools find it
         data_dir, vocab = None, tok.vocab_size
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    start_meta = load_meta(start_ckpt) if start_ckpt else None
-    model = build_model(cfg, vocab, backend, resume_meta or start_meta).to(device)
+    model = build_model(cfg, vocab, backend, saved_meta).to(device)
     mc = model.config
     T = cfg.block_size if cfg.block_size is not None else mc.block_size
     if T > mc.block_size:

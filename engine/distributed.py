@@ -119,13 +119,14 @@ def grad_sync(model, sync):
     return nullcontext()
 
 
+def local(t):
+    """This rank's part of `t`: the local shard of an FSDP DTensor, the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def local_bytes(tensors):
-    """Bytes this rank holds of `tensors` (the local shard of a DTensor)."""
-    total = 0
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        total += t.numel() * t.element_size()
-    return total
+    """Bytes this rank holds of `tensors`."""
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
 def optimizer_state_bytes(optimizer):

@@ -28,6 +28,18 @@ def write_dataset(folder, vocab_size=61, n_train=40_000, n_val=8_000, dtype="uin
     return folder
 
 
+def run_log(out_dir):
+    """The one JSON run log a run wrote in out_dir."""
+    [name] = [p for p in os.listdir(out_dir) if p.startswith("run_") and p.endswith(".json")]
+    with open(os.path.join(out_dir, name)) as f:
+        return json.load(f)
+
+
+def logged_losses(out_dir):
+    """{iteration: loss} of the run log in out_dir."""
+    return {r["iter"]: r["loss"] for r in run_log(out_dir)["training_iterations"]}
+
+
 @pytest.fixture
 def dataset(tmp_path):
     return write_dataset(str(tmp_path / "data"))

@@ -1,12 +1,12 @@
 """Two gloo ranks under torchrun on CPU against one process with the same global batch."""
-import json
 import os
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, write_dataset
+from conftest import ROOT, run_log, write_dataset
+from conftest import logged_losses as losses
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -27,15 +27,6 @@ def launch(nproc, out_dir, dataset, *extra, script="train.py", timeout=240):
 def ok(res):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
-
-
-def run_log(out_dir):
-    [path] = [p for p in os.listdir(out_dir) if p.startswith("run_")]
-    return json.load(open(os.path.join(out_dir, path)))
-
-
-def losses(out_dir):
-    return {r["iter"]: r["loss"] for r in run_log(out_dir)["training_iterations"]}
 
 
 def close(a, b, tol=1e-5):

@@ -1,13 +1,12 @@
 """SFT and DPO through train.py: packing changes speed not results, the loss falls, preferences are learned, the
 reference model is never run during training, and both objectives run on 2 gloo ranks."""
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, logged_losses, run_log
 
 import train
 from engine.chat_data import (
@@ -36,11 +35,6 @@ def chat(tmp_path_factory):
     write_jsonl(make_toy_sft(300, seed=0), folder / "sft.jsonl")
     write_jsonl(make_toy_dpo(200, seed=1), folder / "dpo.jsonl")
     return folder
-
-
-def run_log(out_dir):
-    [p] = [p for p in os.listdir(out_dir) if p.startswith("run_") and p.endswith(".json")]
-    return json.load(open(os.path.join(out_dir, p)))
 
 
 @pytest.mark.parametrize("backend", ["manual", "sdpa"])
@@ -95,8 +89,7 @@ def test_sft_resume_and_accumulation_layouts(chat, tmp_path):
     train.main(parse_args(common + [f"--out_dir={tmp_path / 'a'}", "--batch_size=8"]), log=lambda *a: None)
     train.main(parse_args(common + [f"--out_dir={tmp_path / 'b'}", "--batch_size=4",
                                     "--gradient_accumulation_steps=2"]), log=lambda *a: None)
-    a = {r["iter"]: r["loss"] for r in run_log(tmp_path / "a")["training_iterations"]}
-    b = {r["iter"]: r["loss"] for r in run_log(tmp_path / "b")["training_iterations"]}
+    a, b = logged_losses(tmp_path / "a"), logged_losses(tmp_path / "b")
     assert all(abs(a[i] - b[i]) < 1e-5 for i in a)  # token-weighted: the layout of the batch does not matter
 
 
@@ -181,8 +174,7 @@ def test_post_training_on_two_ranks(chat, tmp_path, objective, mode):
                           *{"ddp": [], "zero1": ["--use_zero1=True"], "fsdp": ["--use_fsdp=True"]}[mode]],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    a = {r["iter"]: r["loss"] for r in run_log(single)["training_iterations"]}
-    b = {r["iter"]: r["loss"] for r in run_log(tmp_path / "two")["training_iterations"]}
+    a, b = logged_losses(single), logged_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) and all(abs(a[i] - b[i]) < 1e-5 for i in a)
 
 

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, write_dataset
+from conftest import logged_losses as losses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,11 +36,6 @@ def reference(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     train.main(parse_args(ARGS + [f"--dataset={data}", f"--out_dir={out}"]), log=lambda *a: None)
     return losses(out)
-
-
-def losses(out_dir):
-    [path] = [p for p in os.listdir(out_dir) if p.startswith("run_") and p.endswith(".json")]
-    return {r["iter"]: r["loss"] for r in json.load(open(os.path.join(out_dir, path)))["training_iterations"]}
 
 
 def start(out_dir, data, *extra, nproc=0, env=None):

@@ -417,7 +417,9 @@ def run(cfg, d, log, stop=None):
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            t_data = time.time()
             micro = [next(batches) for _ in range(local_ga)]
+            data_wait = time.time() - t_data  # host time spent waiting for batches: near 0 while prefetch keeps up
             # each micro-batch counts by its weight (tokens or pairs) in the mean over the whole iteration, every
             # rank included; varying weights are summed on the device, so this costs no host sync
             weights = [task.weight(b) for b in micro]
@@ -480,7 +482,8 @@ def run(cfg, d, log, stop=None):
                 mem_r = torch.cuda.memory_reserved() / 1e9 if dev_type == "cuda" else None
                 record("training_iterations", {
                     "iter": iter_num, "loss": loss_val, "lr": lr, "grad_norm": finite_or_none(norm_val),
-                    "dt_ms": dt * 1000, "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / d.world_size,
+                    "dt_ms": dt * 1000, "data_wait_ms": data_wait * 1000, "tokens_per_sec": tps,
+                    "tokens_per_sec_per_device": tps / d.world_size,
                     "mfu": m, "memory_allocated_gb": mem_a, "memory_reserved_gb": mem_r,
                     **post_training_record(cfg.objective, loss_val, lr, total_tokens, real / dt / d.world_size,
                                            dict(zip(task.metric_names, metric_vals)))})
@@ -505,6 +508,7 @@ def run(cfg, d, log, stop=None):
         log(f"error: {e}")
         raise
     finally:
+        batches.close()
         bar.close()
         if runlog:
             runlog.finish(summarize(runlog, status, start_iter, best_val, last_losses, time.time() - t_start,

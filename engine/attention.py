@@ -34,7 +34,9 @@ def manual_attention(q, k, v, dropout_p=0.0, seg=None):
         v = v.repeat_interleave(rep, dim=1)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, nh, T, T)
     allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if seg is None else segment_mask(seg)
-    att = att.masked_fill(~allowed, float("-inf"))
+    # -inf added where a position may not look: an addition passes its gradient through untouched, where
+    # masked_fill would cost another full pass over the scores in backward
+    att = att + torch.zeros(allowed.shape, dtype=att.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
     att = F.softmax(att.float(), dim=-1).to(q.dtype)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)

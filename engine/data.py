@@ -10,6 +10,8 @@ another number of ranks without changing the data it sees.
 """
 import json
 import os
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -133,14 +135,99 @@ def to_device(batch, device):
     """A dict of tensors on `device`; on CUDA through pinned memory without blocking."""
     if torch.device(device).type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
-    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: pin(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def pin(t):
+    return t if t.is_pinned() else t.pin_memory()
+
+
+_END = object()
+
+
+class Prefetcher:
+    """Iterate over the batches of `source` (dicts of CPU tensors) on `device`, built ahead of the consumer.
+
+    A background thread draws up to `depth` batches ahead, into pinned memory when the device is CUDA, so that the
+    host work of the next batch (memmap reads, collation) overlaps the current step instead of following its sync.
+    On CUDA the next batch's copy to the device is issued on a side stream as soon as it is built; the consumer's
+    stream waits on that copy's event only when the batch is handed over. Order and content are exactly those of
+    `source`; an exception in `source` is raised in the consumer. close() stops the thread early.
+    """
+
+    def __init__(self, source, device, depth=2):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.staged = None  # the next batch, its copy to the device already issued
+        self.thread = threading.Thread(target=self._fill, args=(source,), name="batch-prefetch", daemon=True)
+        self.thread.start()
+
+    def _fill(self, source):
+        try:
+            for b in source:
+                if self.cuda:
+                    b = {k: pin(v) for k, v in b.items()}
+                if not self._put(b):
+                    return
+            self._put(_END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(e)
+
+    def _put(self, item):
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _stage(self, block):
+        try:
+            b = self.queue.get(block=block)
+        except queue.Empty:
+            return None
+        if not self.cuda or not isinstance(b, dict):
+            return b, None
+        with torch.cuda.stream(self.stream):
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            done = torch.cuda.Event()
+            done.record()
+        return b, done
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b, done = self.staged or self._stage(block=True)
+        self.staged = None
+        if b is _END or isinstance(b, BaseException):
+            self.staged = (_END, None)  # every later call ends too
+            self.close()
+            if b is _END:
+                raise StopIteration
+            raise b
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            for v in b.values():  # the side stream allocated it; tell the allocator it is used on this one
+                v.record_stream(current)
+        self.staged = self._stage(block=False)  # the following batch's copy starts now if it is built
+        return b
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join()
 
 
 def train_batches(task, start_iter, max_iters, micro_steps, device, first_micro=0, num_workers=0,
-                  use_dataloader=False):
-    """Yield this rank's training micro-batches in order (global micro-steps first_micro .. first_micro +
-    micro_steps - 1 of each iteration), already on `device`. With use_dataloader a DataLoader's workers build
-    them ahead of time into pinned memory."""
+                  use_dataloader=False, prefetch=2):
+    """This rank's training micro-batches in order (global micro-steps first_micro .. first_micro + micro_steps - 1
+    of each iteration), on `device`, built `prefetch` batches ahead by a Prefetcher. With use_dataloader a
+    DataLoader's worker processes build them (in pinned memory on CUDA) and the Prefetcher takes them from there."""
     if use_dataloader:
         ds = WindowDataset(task, start_iter, max_iters, micro_steps, first_micro)
         source = iter(torch.utils.data.DataLoader(
@@ -149,5 +236,4 @@ def train_batches(task, start_iter, max_iters, micro_steps, device, first_micro=
             generator=torch.Generator()))  # its own generator: leave the global RNG (dropout) alone
     else:
         source = (task.batch(it, first_micro + m) for it in range(start_iter, max_iters) for m in range(micro_steps))
-    for batch in source:
-        yield to_device(batch, device)
+    return Prefetcher(source, device, depth=prefetch)

@@ -91,7 +91,7 @@ def parallelize(model, cfg, d: Dist, device_type, dtype):
 
         if cfg.compile:  # per block, as torchtitan does, so FSDP's hooks stay outside the compiled graphs
             for block in model.blocks:
-                block.compile()
+                block.compile(fullgraph=one_graph(model, cfg, ddp=False))
         mp = MixedPrecisionPolicy()
         if device_type == "cuda" and dtype == "bfloat16":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -102,11 +102,19 @@ def parallelize(model, cfg, d: Dist, device_type, dtype):
     owner = model
     if d.world_size > 1:
         model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
-    if cfg.use_cuda_graphs:  # every step has the same shapes: replay captured graphs instead of launching kernels
-        model = torch.compile(model, mode="reduce-overhead")
-    elif cfg.compile:
-        model = torch.compile(model)
+    if cfg.compile or cfg.use_cuda_graphs:
+        # use_cuda_graphs: every step has the same shapes, so captured graphs are replayed instead of launching
+        # kernels one by one
+        mode = "reduce-overhead" if cfg.use_cuda_graphs else None
+        model = torch.compile(model, mode=mode, fullgraph=one_graph(owner, cfg, ddp=d.world_size > 1))
     return model, owner
+
+
+def one_graph(model, cfg, ddp):
+    """Whether torch.compile must capture the model whole (fullgraph=True, so that a graph break is an error rather
+    than a silent slowdown). Two things break the graph: DDP's forward (its buffer broadcast is opaque to dynamo)
+    and flash-attn's variable-length kernel for packed rows (the sequence lengths are read back to the host)."""
+    return not ddp and not (model.config.attention_backend == "flash_attn_2" and cfg.packing)
 
 
 def grad_sync(model, sync):

@@ -4,18 +4,22 @@ import math
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+FUSED_DEVICES = ("cuda", "cpu")  # where torch.optim.AdamW(fused=True) runs, on torch 2.11 and later
+
 
 def make_optimizer(model, lr, weight_decay, betas, device_type, zero1=False):
-    """AdamW; matrices and embeddings decay, norms and biases (every tensor under 2-D) do not. Fused on CUDA.
-    With zero1, torch's ZeroRedundancyOptimizer shards its state across the ranks."""
+    """AdamW; matrices and embeddings decay, norms and biases (every tensor under 2-D) do not. Fused (the update of
+    all tensors in a few multi-tensor kernels) on CUDA and CPU, the devices torch has those kernels for. With zero1,
+    torch's ZeroRedundancyOptimizer shards its state across the ranks."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type in FUSED_DEVICES
     if zero1:
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=lr, betas=betas,
-                                       fused=device_type == "cuda")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+                                       fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def warmup_steps(cfg):

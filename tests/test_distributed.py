@@ -68,6 +68,19 @@ def test_two_ranks_match_one_process(data, reference, tmp_path, mode):
         assert all(0.4 < r < 0.6 for r in param_ratio)
 
 
+@pytest.mark.parametrize("mode", ["ddp", "zero1", "fsdp"])
+def test_compiled_two_ranks_match_one_eager_process(data, reference, tmp_path, mode):
+    """compile=True under each wrapping: DDP's graph split at its buckets, ZeRO-1, FSDP's per-block graphs with
+    activation checkpointing inside them."""
+    flags = {"ddp": [], "zero1": ["--use_zero1=True"],
+             "fsdp": ["--use_fsdp=True", "--activation_checkpointing=True"]}[mode]
+    ok(launch(2, tmp_path, data, "--max_iters=10", "--eval_interval=5", "--compile=True", *flags, timeout=480))
+    close(losses(reference), losses(tmp_path), tol=1e-4)
+    doc, ref = run_log(tmp_path), run_log(reference)
+    close({e["iter"]: e["val_loss"] for e in doc["evals"]}, {e["iter"]: e["val_loss"] for e in ref["evals"]},
+          tol=1e-4)
+
+
 @pytest.mark.parametrize("save,resume", [
     ((2, ["--use_fsdp=True"]), (0, [])),              # FSDP on 2 ranks -> one plain process
     ((0, []), (2, ["--use_zero1=True"])),             # one process -> ZeRO-1 on 2 ranks

@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT, write_dataset
 
 import train
+from engine import distributed as D
 from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.config import ConfigError, parse_args
 from engine.data import BatchSampler, DataError, TokenDataset
@@ -108,8 +109,8 @@ def test_run_log_is_valid_json_mid_run_with_schema(dataset, tmp_path):
         assert k in env
     assert env["attention_backend"] == "sdpa" and env["peak_flops"] is None
     rec = doc["training_iterations"][-1]
-    assert set(rec) == {"iter", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "tokens_per_sec_per_device",
-                        "mfu", "memory_allocated_gb", "memory_reserved_gb"}
+    assert set(rec) == {"iter", "loss", "lr", "grad_norm", "dt_ms", "data_wait_ms", "tokens_per_sec",
+                        "tokens_per_sec_per_device", "mfu", "memory_allocated_gb", "memory_reserved_gb"}
     assert rec["mfu"] is None  # CPU without a given peak
     assert doc["evals"][-1].keys() == {"iter", "train_loss", "val_loss"}
     assert doc["gradient_norms"][0]["iter"] == 2
@@ -163,17 +164,43 @@ def test_checkpoint_contents_and_pruning(dataset, tmp_path):
     assert state["data"]["world_size"] == 1 and len(state["rng"]["torch"]) == 1
 
 
-def test_compiled_checkpoint_has_clean_keys(dataset, tmp_path):
-    pytest.importorskip("torch._dynamo")
-    out = tmp_path / "o"
+def compiled(fn):
     try:
-        run(dataset, out, "--max_iters=2", "--eval_interval=2", "--compile=True")
+        return fn()
     except Exception as e:  # a CPU without a working C++ toolchain cannot compile; that is not our bug
         if "InductorError" in type(e).__name__ or "CppCompileError" in repr(e):
             pytest.skip(f"torch.compile unavailable here: {e}")
         raise
-    state = load_checkpoint(list_checkpoints(out)[-1])
-    assert not any("_orig_mod" in k for k in state["model"])
+
+
+def test_compiled_run_matches_eager_and_its_checkpoint_resumes_uncompiled(dataset, tmp_path):
+    common = ["--eval_interval=3", "--lr_decay_iters=6", "--gradient_accumulation_steps=2"]
+    eager, _ = run(dataset, tmp_path / "eager", "--max_iters=6", *common)
+    res, _ = compiled(lambda: run(dataset, tmp_path / "c", "--max_iters=3", "--compile=True", *common))
+    state = load_checkpoint(list_checkpoints(tmp_path / "c")[-1])
+    assert not any("_orig_mod" in k for k in state["model"])  # the same names as an uncompiled model's
+    resumed, _ = run(dataset, tmp_path / "c", "--max_iters=6", "--init_from=resume", *common)
+    a, b = losses_of(eager["run_log"]), losses_of(resumed["run_log"])
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(abs(a[i] - b[i]) < 1e-4 for i in a), (a, b)
+    assert abs(eager["final"]["val"] - resumed["final"]["val"]) < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_llama"])
+def test_the_model_compiles_as_one_graph(preset):
+    """fullgraph=True: a graph break anywhere in forward or backward is an error, here with RoPE, GQA, q/k norms,
+    the chunked loss and packed rows."""
+    cfg = parse_args(["--compile=True"])
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset(preset, vocab_size=64, loss_chunk_size=16 if preset == "tiny_qwen3" else 0))
+    step, owner = D.parallelize(model, cfg, D.Dist(), "cpu", "float32")
+    assert D.one_graph(owner, cfg, ddp=False)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    seg, pos = torch.tensor([[0] * 6 + [1] * 10] * 2), torch.cat([torch.arange(6), torch.arange(10)]).repeat(2, 1)
+    _, loss = compiled(lambda: step(x, y, pos=pos, seg=seg))
+    loss.backward()
+    _, want = owner(x, y, pos=pos, seg=seg)
+    assert abs(loss.item() - want.item()) < 1e-5
 
 
 def test_eval_only(dataset, tmp_path):

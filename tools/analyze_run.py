@@ -19,7 +19,7 @@ import sys
 
 # (record key, label, scale, format)
 METRICS = [("mfu", "MFU %", 100, ".2f"), ("tokens_per_sec", "tokens/s", 1, ",.0f"), ("dt_ms", "ms/iter", 1, ",.1f"),
-           ("memory_allocated_gb", "memory allocated GB", 1, ".2f"),
+           ("data_wait_ms", "waiting for data ms", 1, ",.2f"), ("memory_allocated_gb", "memory allocated GB", 1, ".2f"),
            ("memory_reserved_gb", "memory reserved GB", 1, ".2f")]
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 

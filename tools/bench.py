@@ -80,6 +80,8 @@ class Run:
 
     def step(self):
         for _ in range(self.ga):
+            if self.cfg.use_cuda_graphs:  # as train.py: the previous replay's outputs are done with
+                torch.compiler.cudagraph_mark_step_begin()
             with self.ctx:
                 _, loss = self.forward(self.x, self.y)
             self.scaler.scale(loss / self.ga).backward()

@@ -52,6 +52,12 @@ def test_finder_returns_the_largest_batch_under_a_cpu_limit():
     assert any("(does not fit)" in line for line in lines)
 
 
+def test_finder_refuses_compile_on_cpu(capsys):
+    with pytest.raises(SystemExit) as e:
+        find_batch_size.main(TINY + ["--compile=True"], out=lambda s: None)
+    assert e.value.code == 2 and "leave out --compile=True" in capsys.readouterr().err
+
+
 def test_bench_prints_a_table_per_setting():
     lines = []
     rows = bench.main(TINY + ["--batch_size=2", "--warmup=1", "--iters=2", "--repeats=1",
@@ -67,6 +73,14 @@ def test_bench_prints_a_table_per_setting():
         assert r["ms/iter"] > 0 and r["tokens/s"] == pytest.approx(2 * 32 / (r["ms/iter"] / 1000))
         assert r["MFU"] is None  # no peak given on CPU
     assert "command: python" in lines[0] + lines[1]
+
+
+def test_bench_compares_compiled_and_eager():
+    rows = bench.main(TINY + ["--batch_size=2", "--warmup=1", "--iters=1", "--repeats=1", "--compare",
+                              "compile=False,True"], out=lambda s: None)
+    assert [r["setting"] for r in rows] == ["compile=False", "compile=True"]
+    assert rows[0]["peak mem GB"] > 0 and rows[1]["peak mem GB"] is None  # not countable inside compiled graphs
+    assert all(r["tokens/s"] > 0 for r in rows)
 
 
 def test_bench_mfu_with_a_given_peak():

@@ -14,7 +14,8 @@ Settings are train.py's (config files and --key=value, built by train.py's own f
   --threads=N                       torch.set_num_threads(N) first (CPU)
 Tokens are random ids of the model's vocabulary, one fixed batch. Peak memory: on CUDA torch.cuda.max_memory_allocated
 above what was allocated before the row; on CPU the tensor bytes of one more step counted by TensorMemory (parameters,
-optimizer state, gradients, activations), because the process's resident size keeps what earlier rows freed.
+optimizer state, gradients, activations), because the process's resident size keeps what earlier rows freed; on CPU
+it is not measured for compiled rows, since that count cannot see inside compiled graphs.
 """
 import gc
 import itertools
@@ -234,10 +235,13 @@ def compare(base_argv, combos, warmup, iters, repeats, command, out=print):
             base = torch.cuda.memory_allocated()
         run = Run(cfg)
         (sec,) = measure([run], warmup, iters, repeats, run.device)
-        used = torch.cuda.max_memory_allocated() - base if cuda else cpu_step_bytes(run)
+        if cuda:
+            used = torch.cuda.max_memory_allocated() - base
+        else:  # a dispatch mode cannot see inside compiled graphs (and torch.compile refuses to run under one)
+            used = None if cfg.compile else cpu_step_bytes(run)
         peak = cfg.peak_flops or (lookup_peak_flops(device_name(run.device)) if cuda else None)
         name = " ".join(f"{k}={v}" for k, v in combo) or "as configured"
-        rows.append(row(name, run, sec, peak, used / 1e9))
+        rows.append(row(name, run, sec, peak, None if used is None else used / 1e9))
         if len(rows) == 1:
             for line in header(run.device, command, f", {run.dtype}, batch {run.B} x {run.T} x {run.ga} micro-steps, "
                                f"{run.model.num_params() / 1e6:.1f}M parameters, warmup {warmup}, "

@@ -49,8 +49,11 @@ def largest_fitting(fits, max_batch):
 class Finder:
     def __init__(self, cfg, limit):
         self.run = Run(cfg, batch_size=1)
-        self.run.step()  # creates the AdamW state
         self.cuda = self.run.dev_type == "cuda"
+        if cfg.compile and not self.cuda:
+            raise ConfigError("on CPU the finder counts the tensors torch ops allocate, which it cannot see inside "
+                              "compiled graphs; leave out --compile=True there (on CUDA it measures compiled steps)")
+        self.run.step()  # creates the AdamW state
         self.limit = limit
         self.tries = []  # (batch, peak bytes or None after an OOM, fits)
 

@@ -186,6 +186,16 @@ def test_compiled_run_matches_eager_and_its_checkpoint_resumes_uncompiled(datase
     assert abs(eager["final"]["val"] - resumed["final"]["val"]) < 1e-4
 
 
+def test_one_graph_except_where_the_graph_breaks():
+    model = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=64, attention_backend="flash_attn_2"))
+    assert D.one_graph(model, parse_args([]), ddp=False)
+    assert not D.one_graph(model, parse_args([]), ddp=True)  # DDP's forward
+    sft = parse_args(["--objective=sft", "--packing=True", "--dataset=chat.jsonl"])
+    assert not D.one_graph(model, sft, ddp=False)  # flash-attn's varlen lengths
+    model.config.attention_backend = "sdpa"
+    assert D.one_graph(model, sft, ddp=False)
+
+
 @pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_llama"])
 def test_the_model_compiles_as_one_graph(preset):
     """fullgraph=True: a graph break anywhere in forward or backward is an error, here with RoPE, GQA, q/k norms,

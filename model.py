@@ -153,7 +153,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # in x's dtype: a float32 weight times a bfloat16 q or k (under autocast) would otherwise hand float32 to
+        # the attention kernel
+        return (self.weight * xf.to(x.dtype)).to(x.dtype)
 
 
 def make_norm(cfg, dim):

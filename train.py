@@ -55,6 +55,8 @@ def setup_device(cfg, d):
         raise ConfigError(f"device={device} but CUDA is not available here; use --device=cpu")
     if dev_type == "cuda" and d.world_size > 1:
         device = f"cuda:{d.local_rank}"
+    if dev_type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))  # memory statistics and the RNG state then refer to this GPU
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -74,6 +76,15 @@ def setup_device(cfg, d):
     plain = dtype == "float32" or (cfg.use_fsdp and dev_type == "cuda" and dtype == "bfloat16")
     ctx = nullcontext() if plain else torch.autocast(device_type=dev_type, dtype=ptdtype)
     return device, dev_type, dtype, ctx
+
+
+def check_micro_steps(cfg, micro_steps):
+    """CUDA graphs and gradient accumulation do not mix: the first micro-step's gradients live in the replayed
+    graph's memory pool, and the next replay overwrites them before backward adds to them (pytorch/pytorch#169545)."""
+    if cfg.use_cuda_graphs and micro_steps > 1:
+        raise ConfigError(f"use_cuda_graphs with {micro_steps} micro-steps per rank and step: gradients of one replay "
+                          "would be overwritten by the next; make gradient_accumulation_steps equal to the number of "
+                          "GPUs (raise batch_size instead), or use compile=True without CUDA graphs")
 
 
 def model_config(cfg, data_vocab, backend):
@@ -263,6 +274,7 @@ def run(cfg, d, log, stop=None):
                           "(torchrun --standalone --nproc_per_node=N train.py ...), N=1 included")
     ga = cfg.gradient_accumulation_steps
     local_ga = ga // d.world_size
+    check_micro_steps(cfg, local_ga)
     if d.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -400,8 +412,10 @@ def run(cfg, d, log, stop=None):
         return {"train_loss": losses["train"], "val_loss": losses["val"], "run_log": runlog and runlog.path}
 
     groups = layer_groups(owner)
+    # each step takes all its micro-batches at once: keep the whole next step's ready, and some
     batches = train_batches(task, start_iter, cfg.max_iters, local_ga, device, first_micro=d.rank * local_ga,
-                            num_workers=cfg.dataloader_num_workers, use_dataloader=cfg.use_dataloader)
+                            num_workers=cfg.dataloader_num_workers, use_dataloader=cfg.use_dataloader,
+                            prefetch=2 * local_ga)
     total_tokens = 0
     if start_iter == 0:
         run_eval(0)

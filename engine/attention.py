@@ -49,8 +49,10 @@ def sdpa_attention(q, k, v, dropout_p=0.0, seg=None):
     if seg is None:
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(seg), dropout_p=dropout_p,
-                                           enable_gqa=gqa)
+        if gqa:  # with a mask, enable_gqa has only the math kernel on CUDA; shared heads let the efficient one run
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(seg), dropout_p=dropout_p)
     return y.transpose(1, 2)
 
 

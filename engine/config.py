@@ -63,7 +63,8 @@ class TrainConfig:
     use_fsdp: bool = key(False, "FSDP2 fully_shard on each block and the root (bf16 params, fp32 reduce on CUDA)")
     fsdp_reshard_after_forward: bool = key(True, "FSDP: free gathered parameters after forward (less memory)")
     use_cuda_graphs: bool = key(False, "CUDA only: capture forward and backward as CUDA graphs and replay them "
-                                       "(torch.compile's reduce-overhead mode; implies compile)")
+                                       "(torch.compile's reduce-overhead mode; implies compile; needs one "
+                                       "micro-step per rank)")
     activation_checkpointing: bool = key(False, "recompute each block's activations in backward")
     use_dataloader: bool = key(False, "feed batches through a torch DataLoader with workers and pinned memory")
     dataloader_num_workers: int = key(2, "DataLoader worker processes when use_dataloader=True")

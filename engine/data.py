@@ -114,7 +114,8 @@ class BatchSampler:
             i = int(rng.integers(0, len(a) - self.T))
             rows.append(np.asarray(a[i:i + self.T + 1], dtype=np.int64))
         xy = torch.from_numpy(np.stack(rows))
-        return xy[:, :-1], xy[:, 1:]
+        # contiguous, so that pinning and the non-blocking copy to a GPU apply to the tensors as they are
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
 
 
 class WindowDataset(torch.utils.data.Dataset):

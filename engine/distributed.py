@@ -118,12 +118,12 @@ def one_graph(model, cfg, ddp):
 
 
 def grad_sync(model, sync):
-    """Context for one micro-step's backward: gradients are reduced across ranks only when `sync`."""
+    """Context for one micro-step's backward. DDP all-reduces only on the last micro-step (`sync`): its gradients
+    are full-size on every rank anyway. FSDP reduce-scatters after every micro-step: skipping that would keep every
+    gradient unsharded (in float32 under bf16 mixed precision) for the whole accumulation, which defeats sharding."""
     inner = getattr(model, "_orig_mod", model)
-    if isinstance(inner, DDP):
-        return nullcontext() if sync else inner.no_sync()
-    if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2
-        inner.set_requires_gradient_sync(sync)
+    if isinstance(inner, DDP) and not sync:
+        return inner.no_sync()
     return nullcontext()
 
 

@@ -10,58 +10,111 @@ import torch
 IGNORE_INDEX = -100
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy over non-ignored rows and its gradients; chunked_cross_entropy turns it into a mean.
+def _forward(hidden, weight, targets, chunk_size, ignore_index, dtype):
+    """(summed cross-entropy over the non-ignored rows, log-sum-exp of every row's logits).
 
     Autocast is switched off inside and casts are explicit: backward can run under another autocast state than
-    forward (or none), and the recomputed logits must be the same numbers forward saw.
-    """
+    forward (or none), and the recomputed logits must be the same numbers forward saw."""
+    valid = targets != ignore_index
+    safe = targets.masked_fill(~valid, 0)  # any in-range id; the row's loss is masked out
+    acc = torch.promote_types(dtype, torch.float32)  # softmax precision: float32, or float64 if given that
+    lse = torch.empty(hidden.size(0), dtype=acc, device=hidden.device)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        for s in range(0, hidden.size(0), chunk_size):
+            logits = (hidden[s:s + chunk_size].to(dtype) @ w.T).to(acc)  # (n, V)
+            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
+            total += ((lse[s:s + chunk_size] - picked) * valid[s:s + chunk_size]).sum()
+    return total, lse
+
+
+def _backward(grad_total, hidden, weight, targets, lse, chunk_size, ignore_index, dtype, need_h=True, need_w=True):
+    """(d total / d hidden, d total / d weight) times grad_total, each None when not needed."""
+    valid = targets != ignore_index
+    safe = targets.masked_fill(~valid, 0)
+    cs = chunk_size
+    grad_h = torch.empty_like(hidden) if need_h else None
+    # accumulated in the softmax precision whatever the compute dtype: adding chunks' bfloat16 partial sums in
+    # bfloat16 would round away what the later chunks add
+    grad_w = torch.zeros_like(weight, dtype=lse.dtype) if need_w else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        for s in range(0, hidden.size(0), cs):
+            h = hidden[s:s + cs].to(dtype)
+            # d(sum of losses)/d(logits) = softmax - onehot on valid rows, 0 on ignored ones
+            g = (h @ w.T).to(lse.dtype).sub_(lse[s:s + cs, None]).exp_()  # (n, V) softmax
+            g.scatter_add_(1, safe[s:s + cs, None], -torch.ones_like(lse[s:s + cs, None]))
+            g.mul_((grad_total * valid[s:s + cs])[:, None])
+            g = g.to(dtype)
+            if need_h:
+                grad_h[s:s + cs] = g @ w
+            if need_w and grad_w.dtype == dtype:
+                grad_w.addmm_(g.T, h)  # (V, C), in place
+            elif need_w:
+                grad_w += g.T @ h  # a (V, C) partial in the compute dtype, half the accumulator's size
+    return grad_h, grad_w.to(weight.dtype) if need_w else None
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Eager autograd: the summed loss; its backward recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, dtype):
-        valid = targets != ignore_index
-        safe = targets.masked_fill(~valid, 0)  # any in-range id; the row's loss is masked out
-        acc = torch.promote_types(dtype, torch.float32)  # softmax precision: float32, or float64 if given that
-        lse = torch.empty(hidden.size(0), dtype=acc, device=hidden.device)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            for s in range(0, hidden.size(0), chunk_size):
-                logits = (hidden[s:s + chunk_size].to(dtype) @ w.T).to(acc)  # (n, V)
-                lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
-                picked = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
-                total += ((lse[s:s + chunk_size] - picked) * valid[s:s + chunk_size]).sum()
-        ctx.save_for_backward(hidden, weight, safe, valid, lse)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        total, lse = _forward(hidden, weight, targets, chunk_size, ignore_index, dtype)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.args = chunk_size, ignore_index, dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, safe, valid, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
-        dtype, cs = ctx.dtype, ctx.chunk_size
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # accumulated in the softmax precision whatever the compute dtype: adding chunks' bfloat16 partial sums in
-        # bfloat16 would round away what the later chunks add
-        grad_w = torch.zeros_like(weight, dtype=lse.dtype) if need_w else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            for s in range(0, hidden.size(0), cs):
-                h = hidden[s:s + cs].to(dtype)
-                # d(sum of losses)/d(logits) = softmax - onehot on valid rows, 0 on ignored ones
-                g = (h @ w.T).to(lse.dtype).sub_(lse[s:s + cs, None]).exp_()  # (n, V) softmax
-                g.scatter_add_(1, safe[s:s + cs, None], -torch.ones_like(lse[s:s + cs, None]))
-                g.mul_((grad_total * valid[s:s + cs])[:, None])
-                g = g.to(dtype)
-                if need_h:
-                    grad_h[s:s + cs] = g @ w
-                if need_w and grad_w.dtype == dtype:
-                    grad_w.addmm_(g.T, h)  # (V, C), in place
-                elif need_w:
-                    grad_w += g.T @ h  # a (V, C) partial in the compute dtype, half the accumulator's size
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grads = _backward(grad_total, hidden, weight, targets, lse, *ctx.args, *ctx.needs_input_grad[:2])
+        return *grads, None, None, None, None
+
+
+# Under torch.compile the two loops are custom operators, which the compiler calls as opaque units: traced as plain
+# ops, it would see that backward recomputes forward's chunk logits and keep forward's instead, all (N, V) of them.
+# Eager runs keep the autograd.Function, whose ops (the chunk logits included) stay visible to dispatch modes such
+# as the memory count of tools/bench.py.
+
+@torch.library.custom_op("engine::chunked_ce_forward", mutates_args=())
+def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                ignore_index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(hidden, weight, targets, chunk_size, ignore_index, dtype)
+
+
+@_forward_op.register_fake
+def _(hidden, weight, targets, chunk_size, ignore_index, dtype):
+    acc = torch.promote_types(dtype, torch.float32)
+    return hidden.new_empty((), dtype=acc), hidden.new_empty(hidden.size(0), dtype=acc)
+
+
+@torch.library.custom_op("engine::chunked_ce_backward", mutates_args=())
+def _backward_op(grad_total: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 lse: torch.Tensor, chunk_size: int, ignore_index: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(grad_total, hidden, weight, targets, lse, chunk_size, ignore_index, dtype)
+
+
+@_backward_op.register_fake
+def _(grad_total, hidden, weight, targets, lse, chunk_size, ignore_index, dtype):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _setup_op(ctx, inputs, output):
+    hidden, weight, targets, chunk_size, ignore_index, dtype = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1])
+    ctx.args = chunk_size, ignore_index, dtype
+
+
+def _op_grads(ctx, grad_total, _grad_lse):
+    hidden, weight, targets, lse = ctx.saved_tensors
+    return *_backward_op(grad_total, hidden, weight, targets, lse, *ctx.args), None, None, None, None
+
+
+_forward_op.register_autograd(_op_grads, setup_context=_setup_op)
 
 
 def chunked_cross_entropy(hidden, weight, targets, chunk_size=1024, ignore_index=IGNORE_INDEX):
@@ -82,5 +135,8 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size=1024, ignore_index
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-    total = ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, dtype)
+    if torch.compiler.is_compiling():
+        total, _ = _forward_op(hidden, weight, targets, chunk_size, ignore_index, dtype)
+    else:
+        total = ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, dtype)
     return total / (targets != ignore_index).sum().clamp(min=1)

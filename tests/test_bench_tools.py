@@ -52,6 +52,12 @@ def test_finder_returns_the_largest_batch_under_a_cpu_limit():
     assert any("(does not fit)" in line for line in lines)
 
 
+def test_finder_refuses_cuda_graphs(capsys):
+    with pytest.raises(SystemExit) as e:
+        find_batch_size.main(TINY + ["--use_cuda_graphs=True"], out=lambda s: None)
+    assert e.value.code == 2 and "memory pool for every batch size" in capsys.readouterr().err
+
+
 def test_finder_refuses_compile_on_cpu(capsys):
     with pytest.raises(SystemExit) as e:
         find_batch_size.main(TINY + ["--compile=True"], out=lambda s: None)

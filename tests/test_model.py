@@ -92,6 +92,26 @@ def test_manual_and_sdpa_agree(n_kv_head):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), n
 
 
+@pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_llama3"])
+def test_attention_gets_the_autocast_dtype(preset):
+    """Under bf16 autocast q, k and v reach the attention kernel in bf16, q/k norms (float32 weights) included:
+    flash-attn refuses anything else."""
+    model = GPT(ModelConfig.from_preset(preset, vocab_size=64))
+    seen = []
+
+    def spy(attend):
+        def recorded(q, k, v, **kw):
+            seen.append((q.dtype, k.dtype, v.dtype))
+            return attend(q, k, v, **kw)
+        return recorded
+
+    for block in model.blocks:
+        block.attn.attend = spy(block.attn.attend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (2, 8)))
+    assert seen == [(torch.bfloat16,) * 3] * 2
+
+
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("backend", ["manual", "sdpa"])
 def test_causality(name, backend):
@@ -183,12 +203,13 @@ def test_every_preset_is_valid():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["sdpa", "flash_attn_2"])
-def test_cuda_bf16_backends_match_manual(backend):
+@pytest.mark.parametrize("preset", ["tiny_llama3", "tiny_qwen3"])  # GQA; and q/k norms
+def test_cuda_bf16_backends_match_manual(backend, preset):
     if backend == "flash_attn_2":
         pytest.importorskip("flash_attn")
     torch.manual_seed(0)
-    ref = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=256, attention_backend="manual")).cuda()
-    fast = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=256, attention_backend=backend)).cuda()
+    ref = GPT(ModelConfig.from_preset(preset, vocab_size=256, attention_backend="manual")).cuda()
+    fast = GPT(ModelConfig.from_preset(preset, vocab_size=256, attention_backend=backend)).cuda()
     fast.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 256, (2, 128), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

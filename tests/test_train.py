@@ -186,6 +186,19 @@ def test_compiled_run_matches_eager_and_its_checkpoint_resumes_uncompiled(datase
     assert abs(eager["final"]["val"] - resumed["final"]["val"]) < 1e-4
 
 
+def test_cuda_graphs_refuse_gradient_accumulation():
+    cfg = parse_args(["--use_cuda_graphs=True"])
+    train.check_micro_steps(cfg, 1)
+    with pytest.raises(ConfigError, match="2 micro-steps per rank"):
+        train.check_micro_steps(cfg, 2)
+    train.check_micro_steps(parse_args(["--compile=True"]), 8)
+
+
+def test_batches_are_contiguous(dataset):
+    x, y = BatchSampler(TokenDataset(dataset), 3, 16, 0).batch("train", 0)
+    assert x.is_contiguous() and y.is_contiguous() and torch.equal(x[:, 1:], y[:, :-1])
+
+
 def test_one_graph_except_where_the_graph_breaks():
     model = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=64, attention_backend="flash_attn_2"))
     assert D.one_graph(model, parse_args([]), ddp=False)

@@ -39,7 +39,7 @@ from engine.data import DataError, TokenDataset, resolve_dataset_dir  # noqa: E4
 from engine.metrics import device_name, lookup_peak_flops, mfu  # noqa: E402
 from engine.optim import make_optimizer  # noqa: E402
 from model import GPT  # noqa: E402
-from train import model_config, setup_device  # noqa: E402
+from train import check_micro_steps, model_config, setup_device  # noqa: E402
 
 COLUMNS = ("setting", "ms/iter", "tokens/s", "MFU", "peak mem GB", "vs row 1")
 
@@ -70,6 +70,7 @@ class Run:
         self.T = cfg.block_size or mc.block_size
         self.B = batch_size or cfg.batch_size
         self.ga = cfg.gradient_accumulation_steps
+        check_micro_steps(cfg, self.ga)
         self.tokens = self.B * self.T * self.ga
         self.flops_per_token = self.model.flops_per_token(self.T)
         self.forward, self.owner = D.parallelize(self.model, cfg, D.Dist(), self.dev_type, self.dtype)

@@ -48,6 +48,9 @@ def largest_fitting(fits, max_batch):
 
 class Finder:
     def __init__(self, cfg, limit):
+        if cfg.use_cuda_graphs:
+            raise ConfigError("use_cuda_graphs records a graph and keeps its memory pool for every batch size tried, "
+                              "which inflates the later tries; search with compile=True, then run with CUDA graphs")
         self.run = Run(cfg, batch_size=1)
         self.cuda = self.run.dev_type == "cuda"
         if cfg.compile and not self.cuda:

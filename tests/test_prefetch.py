@@ -94,6 +94,15 @@ def test_close_stops_an_endless_source():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_arrive_pinned_and_complete(task):
+    source = Counting()
+    batches = Prefetcher(source, "cuda", depth=2)
+    try:
+        source.wait_for(3)
+        waiting = batches.queue.queue[0]["input_ids"]  # built by the thread, not yet handed over
+        assert waiting.is_pinned() and waiting.is_contiguous()
+        assert next(batches)["input_ids"].is_cuda
+    finally:
+        batches.close()
     got = list(train_batches(task, 0, 20, 2, "cuda"))
     want = [task.batch(it, m) for it in range(20) for m in range(2)]
     for g, w in zip(got, want):

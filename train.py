@@ -412,7 +412,7 @@ def run(cfg, d, log, stop=None):
         return {"train_loss": losses["train"], "val_loss": losses["val"], "run_log": runlog and runlog.path}
 
     groups = layer_groups(owner)
-    # each step takes all its micro-batches at once: keep the whole next step's ready, and some
+    # each step takes all its micro-batches at once, so the thread keeps up to two steps' worth ready
     batches = train_batches(task, start_iter, cfg.max_iters, local_ga, device, first_micro=d.rank * local_ga,
                             num_workers=cfg.dataloader_num_workers, use_dataloader=cfg.use_dataloader,
                             prefetch=2 * local_ga)

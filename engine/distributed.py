@@ -90,8 +90,9 @@ def parallelize(model, cfg, d: Dist, device_type, dtype):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if cfg.compile:  # per block, as torchtitan does, so FSDP's hooks stay outside the compiled graphs
+            fullgraph = one_graph(model, cfg, ddp=False)
             for block in model.blocks:
-                block.compile(fullgraph=one_graph(model, cfg, ddp=False))
+                block.compile(fullgraph=fullgraph)
         mp = MixedPrecisionPolicy()
         if device_type == "cuda" and dtype == "bfloat16":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

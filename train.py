@@ -28,6 +28,8 @@ from engine import distributed as D
 from engine.attention import resolve_backend
 from engine.checkpoint import (
     CheckpointError,
+    DamagedCheckpoint,
+    best_checkpoint,
     checkpoint_path,
     find_latest,
     list_checkpoints,
@@ -37,8 +39,19 @@ from engine.checkpoint import (
 from engine.config import MODEL_KEYS, ConfigError, config_dict, help_text, parse_args
 from engine.data import DataError, TokenDataset, resolve_dataset_dir, to_device, train_batches
 from engine.health import HealthMonitor, TrainingDiverged
-from engine.metrics import MFU_CONVENTION, RunLog, device_name, finite_or_none, git_state, lookup_peak_flops, mfu
+from engine.metrics import (
+    MFU_CONVENTION,
+    RunLog,
+    device_name,
+    finite_or_none,
+    git_state,
+    log_to_continue,
+    lookup_peak_flops,
+    mfu,
+    new_log_path,
+)
 from engine.optim import lr_at, make_optimizer
+from engine.rundir import claim
 from engine.tasks import DPOTask, PretrainTask, SFTTask
 from engine.tokenizers import get_tokenizer
 from model import GPT, PRESETS, ModelConfig
@@ -53,6 +66,10 @@ def setup_device(cfg, d):
     dev_type = torch.device(device).type
     if dev_type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device} but CUDA is not available here; use --device=cpu")
+    if dev_type == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device} but this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if dev_type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device} but MPS (Apple GPUs) is not available here; use --device=cpu")
     if dev_type == "cuda" and d.world_size > 1:
         device = f"cuda:{d.local_rank}"
     if dev_type == "cuda" and torch.device(device).index is not None:
@@ -160,11 +177,12 @@ def nonfinite_grads(model):
 @torch.no_grad()
 def evaluate(model, task, cfg, ctx, device, d):
     """Weighted mean loss (and the task's metrics) over eval_iters fixed batches per split, dealt round-robin across
-    ranks. Every rank runs the same number of forward passes (FSDP's collectives need that); fillers weigh zero."""
+    ranks. Every rank runs the same number of forward passes (FSDP's collectives need that); fillers weigh zero.
+    A task without val examples (SFT or DPO with val_fraction=0) reports val and its metrics as None."""
     model.eval()
-    out = {}
+    out = {"val": None, **{f"val_{n}": None for n in task.metric_names}}
     per_rank = math.ceil(cfg.eval_iters / d.world_size)
-    for split in ("train", "val"):
+    for split in task.eval_splits:
         acc = torch.zeros(2 + len(task.metric_names), device=device)  # weight, loss*weight, metric*weight...
         for j in range(per_rank):
             k = d.rank + j * d.world_size
@@ -206,7 +224,7 @@ def resolve_tokenizer(cfg, saved_meta):
     if name is None and saved.get("dataset"):
         try:
             meta = TokenDataset(resolve_dataset_dir(saved["dataset"]), check_ids=False).meta
-            name, path = meta["tokenizer"], meta.get("tokenizer_path")
+            name, path = meta.get("tokenizer"), meta.get("tokenizer_path")
         except DataError:
             pass
     if name is None:
@@ -215,6 +233,80 @@ def resolve_tokenizer(cfg, saved_meta):
         return get_tokenizer(name, path), name, path
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         raise ConfigError(f"tokenizer {name!r}: {e}") from e
+
+
+def free_memory(device):
+    """Bytes still free on `device`: the GPU's free memory, or the host's MemAvailable (what it can allocate without
+    swapping; os.sysconf's free pages where there is no /proc); None where neither can be read (MPS, macOS)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def check_memory(cfg, model, T, device, dtype, d, available=None):
+    """Refuse at start a run whose step cannot fit: a lower bound of the bytes a step still needs once the model is
+    on `device`, against what is free there (`available`, else free_memory; the least over the ranks, so that all
+    decide alike). Returns the bound.
+
+    Counted: float32 gradients and AdamW's two moments, sharded as ZeRO-1 and FSDP shard them (less the full
+    parameters FSDP frees); per micro-batch, in the compute dtype, the inputs the linear layers keep for backward
+    (qkv, output projection and both MLP layers of every block, and the head; with activation_checkpointing each
+    block's input and one block's recompute) and manual attention's probabilities; the loss's float32 logits (one
+    chunk's with loss_chunk_size; DPO's in the compute dtype); the int64 ids and labels of all the step's
+    micro-batches, which it takes at once. eval_only counts the logits alone. Ranks on one host share its RAM. Left
+    out, so that the true need is higher: what attention kernels, norms, activations and dropout keep; the logits'
+    gradient; cast copies of weights; DDP's buckets and FSDP's gathered parameters; batches prefetched ahead,
+    allocator overhead and the CUDA context. SFT and DPO pad a batch only to its longest row, unknown before the
+    data is read, so their rows count one token each.
+    """
+    mc, P = model.config, sum(p.numel() for p in model.parameters())
+    rows = cfg.batch_size * (2 if cfg.objective == "dpo" else 1)  # DPO: chosen and rejected in one forward
+    L = T if cfg.objective == "pretrain" else 1
+    n = rows * L  # tokens of one micro-batch
+    act = 4 if dtype == "float32" else 2
+    w = d.world_size
+    state = max(0, P * (16 - 4 * w) // w) if cfg.use_fsdp else P * 4 + P * 8 // (w if cfg.use_zero1 else 1)
+    # per token and block; manual attention also keeps each head's row of (T, T) probabilities
+    block = 2 * mc.n_embd + mc.n_head * mc.head_dim + mc.intermediate_size + (
+        mc.n_head * L if mc.attention_backend == "manual" else 0)
+    kept = mc.n_layer * mc.n_embd + block if cfg.activation_checkpointing else mc.n_layer * block
+    acts = n * (kept + mc.n_embd) * act
+    chunked = cfg.loss_chunk_size and cfg.objective != "dpo"  # DPO's forward has no targets, so no chunked loss
+    logits = (min(n, cfg.loss_chunk_size) if chunked else n) * mc.vocab_size * (act if cfg.objective == "dpo" else 4)
+    data = cfg.gradient_accumulation_steps // w * n * 16
+    if cfg.eval_only:
+        state = acts = data = 0
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if torch.device(device).type == "cpu" else 1
+    need = (state + acts + logits + data) * ranks
+    available = free_memory(device) if available is None else available
+    if w > 1:
+        available = min((a for a in D.all_gather_objects(available) if a is not None), default=None)
+    if available is None or need <= available:
+        return need
+    fixes = ["lower batch_size or block_size (more gradient_accumulation_steps keep the tokens per step)"
+             if acts + logits >= data else "lower gradient_accumulation_steps or batch_size"]
+    if not cfg.activation_checkpointing and acts:
+        fixes.append("set activation_checkpointing=True")
+    if not chunked and cfg.objective != "dpo":
+        fixes.append("set loss_chunk_size=1024")
+    if state > acts + logits + data:
+        fixes.append("shard the optimizer state over more GPUs (use_zero1 or use_fsdp under torchrun)")
+    GB = 1e9
+    raise ConfigError(f"a step needs at least {need / GB:,.1f} GB on {device} (gradients and optimizer state "
+                      f"{state / GB:,.1f}, activations {acts / GB:,.1f}, logits {logits / GB:,.1f}, batches "
+                      f"{data / GB:,.1f}"
+                      + (f", for each of {ranks} ranks on this host" if ranks > 1 else "")
+                      + f") but {available / GB:,.1f} GB is free; " + ", or ".join(fixes))
 
 
 class StopRequest:
@@ -249,14 +341,23 @@ class StopRequest:
 
 def main(cfg, log=print):
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    d = D.init_distributed("cuda" if cuda else "cpu")
+    d = D.init_distributed("cuda" if cuda else "cpu", cfg.dist_init_timeout_minutes)
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, claim(cfg.out_dir, d, read_only=cfg.eval_only, warn=log):
             result = run(cfg, d, log if d.master else (lambda *a, **k: None), stop)
         D.barrier()  # leave together: a rank tearing gloo down while another still talks can abort
         return result
+    except Exception as e:  # a collective that failed because ranks went silent: say which
+        failure = e if isinstance(e, D.RankFailure) else D.explain(e, d)
+        if failure is None:
+            raise
+        if d.master or not failure.everywhere:  # each rank's own view; only rank 0 logs what all ranks share
+            print(f"error: {failure}", file=sys.stderr, flush=True)
+        if failure is e:
+            raise
+        raise failure from e
     finally:
-        D.cleanup()
+        D.cleanup(d)
 
 
 def run(cfg, d, log, stop=None):
@@ -275,8 +376,6 @@ def run(cfg, d, log, stop=None):
     ga = cfg.gradient_accumulation_steps
     local_ga = ga // d.world_size
     check_micro_steps(cfg, local_ga)
-    if d.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
 
     resume_path, resume_meta = None, None
     if cfg.init_from == "resume":
@@ -300,6 +399,7 @@ def run(cfg, d, log, stop=None):
     T = cfg.block_size if cfg.block_size is not None else mc.block_size
     if T > mc.block_size:
         raise ConfigError(f"block_size={T} exceeds the model's limit of {mc.block_size} positions")
+    check_memory(cfg, model, T, device, dtype, d)  # before the data is read and anything of the step allocated
     task = make_task(cfg, mc, T, data_dir, tok, log)
     if task.iters_per_epoch and cfg.num_train_epochs:
         cfg = dataclasses.replace(cfg, max_iters=max(1, math.ceil(cfg.num_train_epochs * task.iters_per_epoch)))
@@ -320,8 +420,15 @@ def run(cfg, d, log, stop=None):
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     start_iter, best_val = 0, float("inf")
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks
+    while resume_meta is not None:  # tensors that cannot be read (no checksums caught it): an older checkpoint serves
+        try:
+            D.load_state(resume_path, owner, optimizer)
+            break
+        except DamagedCheckpoint as e:
+            log(f"warning: {e}; trying an older checkpoint")
+            resume_path, resume_meta = find_latest(cfg.out_dir, warn=log, before=resume_meta["iter_num"])
+            log(f"resuming from {resume_path} (iteration {resume_meta['iter_num']})")
     if resume_meta is not None:
-        D.load_state(resume_path, owner, optimizer)
         scaler.load_state_dict(resume_meta["scaler"])
         start_iter, best_val = resume_meta["iter_num"], resume_meta["best_val_loss"]
         rng = resume_meta["rng"]
@@ -359,49 +466,64 @@ def run(cfg, d, log, stop=None):
     log(f"{tokens_per_iter:,} tokens per iteration on {d.world_size} x {dev_name} in {dtype} ({env['parallelism']})")
 
     runlog = None
-    if d.master:
+    if d.master and cfg.eval_only:  # a log of its own; config.json stays the training run's, which may be running
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            runlog = RunLog(new_log_path(cfg.out_dir), resolved, env, warn=log)
+        except OSError as e:
+            log(f"out_dir {cfg.out_dir} is not writable ({e.strerror}); evaluating without writing a run log")
+    elif d.master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"config": resolved, "model_config": mc.to_dict()}, f, indent=2)
-        previous = None
-        if resume_meta is not None and resume_meta.get("run_log") and os.path.isfile(resume_meta["run_log"]):
-            run_path = resume_meta["run_log"]
-            previous = RunLog.read(run_path)
-        else:
-            run_path = os.path.join(cfg.out_dir, f"run_{time.strftime('%Y%m%d_%H%M%S')}.json")
-        runlog = RunLog(run_path, resolved, env, previous, start_iter, warn=log)
+            json.dump(finite_or_none({"config": resolved, "model_config": mc.to_dict()}), f, indent=2)
+        run_path, previous = log_to_continue(cfg.out_dir, (resume_meta or {}).get("run_log"), warn=log)
+        runlog = RunLog(run_path or new_log_path(cfg.out_dir), resolved, env, previous, start_iter, warn=log)
     record = runlog.add if runlog else (lambda *a: None)
     first = runlog.doc["training_iterations"][:1] if runlog else []
     health = HealthMonitor(warn=log, start_iter=start_iter, first_loss=first[0]["loss"] if first else None)
-    last_ckpt = resume_path
+    last_ckpt, last_val = resume_path, (resume_meta or {}).get("val_loss")
+    best_ckpt = best_checkpoint(cfg.out_dir, upto=start_iter) if resume_meta else None  # (path, val loss)
+    evaluated = (None, None)  # (iteration, val loss) of the latest evaluation
 
     def checkpoint(iter_num):
-        nonlocal last_ckpt
+        nonlocal last_ckpt, last_val, best_ckpt
+        val = finite_or_none(evaluated[1]) if evaluated[0] == iter_num else None  # of these very weights
         rng_cpu = D.all_gather_objects(torch.get_rng_state())
         rng_cuda = D.all_gather_objects(torch.cuda.get_rng_state()) if dev_type == "cuda" else []
         meta = {
-            "iter_num": iter_num, "best_val_loss": best_val, "scaler": scaler.state_dict(),
+            "iter_num": iter_num, "val_loss": val, "best_val_loss": best_val, "scaler": scaler.state_dict(),
             "rng": {"torch": rng_cpu, "cuda": rng_cuda},
             "data": {"seed": cfg.seed, "next_iter": iter_num, "batch_size": cfg.batch_size, "block_size": T,
                      "gradient_accumulation_steps": ga, "world_size": d.world_size},
-            "config": resolved, "model_config": mc.to_dict(), "run_log": runlog.path if runlog else None,
+            "config": resolved, "model_config": mc.to_dict(), "run_log": runlog and os.path.basename(runlog.path),
             "reference_key": getattr(task, "key", None),
         }
         if runlog:  # the log first, so that it always reaches at least as far as the newest checkpoint
             runlog.flush()
         last_ckpt = save_checkpoint(D.state_tensors(owner, optimizer), meta, cfg.out_dir, iter_num,
                                     cfg.keep_last_n_checkpoints)
+        last_val = val
+        if val is not None and (best_ckpt is None or val <= best_ckpt[1]):
+            best_ckpt = (last_ckpt, val)
         log(f"saved checkpoint {last_ckpt}")
 
     def run_eval(iter_num):
-        nonlocal best_val
+        nonlocal best_val, evaluated
         losses = evaluate(model, task, cfg, ctx, device, d)
         extra = {k: finite_or_none(v) for k, v in losses.items() if k.startswith("val_")}
-        log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        val = losses["val"]
+        log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, "
+            + (f"val loss {val:.4f}" if val is not None else "no val examples")
             + "".join(f", {k} {v:.4f}" for k, v in extra.items() if v is not None))
         record("evals", {"iter": iter_num, "train_loss": finite_or_none(losses["train"]),
-                         "val_loss": finite_or_none(losses["val"]), **extra})
-        improved = losses["val"] < best_val
-        best_val = min(best_val, losses["val"])
+                         "val_loss": finite_or_none(val), **extra})
+        evaluated = (iter_num, val)
+        if val is None:  # nothing to judge by: every evaluation checkpoints, as always_save_checkpoint would
+            return losses, True
+        rising = health.check_val(iter_num, val, best_val)
+        if rising:
+            record("health", rising)
+        improved = val < best_val
+        best_val = min(best_val, val)
         return losses, improved
 
     if cfg.eval_only:
@@ -417,17 +539,19 @@ def run(cfg, d, log, stop=None):
                             num_workers=cfg.dataloader_num_workers, use_dataloader=cfg.use_dataloader,
                             prefetch=2 * local_ga)
     total_tokens = 0
-    if start_iter == 0:
-        run_eval(0)
     t_start = time.time()
-    status, last_losses, per_rank = "completed", None, None
+    status, error, last_losses, per_rank = "failed", None, None, None  # "completed" only once max_iters is reached
     bar = tqdm(total=cfg.max_iters, initial=start_iter, dynamic_ncols=True,
                disable=not (d.master and sys.stderr.isatty()))
     say = tqdm.write if not bar.disable else log
-    model.train()
     try:
+        if start_iter == 0:
+            run_eval(0)
+        model.train()
         for it in range(start_iter, cfg.max_iters):
             t0 = time.time()
+            if d.heartbeat:
+                d.heartbeat.step = it + 1
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -462,8 +586,9 @@ def run(cfg, d, log, stop=None):
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             # the mean over every micro-batch of every rank, the norm, and whether any rank was asked to stop, in
             # one sync per step
-            flags = torch.tensor([0.0 if stop.signum is None else 1.0, float(tokens)], device=device)
-            loss_val, *metric_vals, norm_val, stops, tokens, real = D.all_reduce_sum(
+            flags = torch.tensor([stop.signum is not None, stop.signum is not None and D.launcher_gone(), tokens],
+                                 dtype=torch.float32, device=device)
+            loss_val, *metric_vals, norm_val, stops, orphans, tokens, real = D.all_reduce_sum(
                 torch.cat([acc, (norm.float() / d.world_size).view(1), flags, real.float().view(1)])).tolist()
             total_tokens += real
             iter_num = it + 1
@@ -473,7 +598,7 @@ def run(cfg, d, log, stop=None):
             else:
                 norm_for_health = norm_val
             try:
-                health.check(iter_num, loss_val, norm_for_health, last_ckpt)
+                health.check(iter_num, loss_val, norm_for_health, (last_ckpt, last_val), best_ckpt)
             except TrainingDiverged:
                 record("health", {"iter": iter_num, "kind": "diverged", "loss": finite_or_none(loss_val),
                                   "nonfinite_grads": nonfinite_grads(owner)})
@@ -487,6 +612,7 @@ def run(cfg, d, log, stop=None):
             if per_rank is None:  # after the first step, when the optimizer state exists
                 per_rank = {"param_bytes": D.all_gather_objects(D.local_bytes(owner.parameters())),
                             "optimizer_state_bytes": D.all_gather_objects(D.optimizer_state_bytes(optimizer))}
+                D.set_timeout(cfg.dist_timeout_minutes)  # start-up and first compilation are behind us
             dt = time.time() - t0
             bar.update(1)
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
@@ -516,16 +642,27 @@ def run(cfg, d, log, stop=None):
                 status = "preempted"
                 log(f"stopping at iter {iter_num} on request (signal {stop.signum or 'on another rank'}); resume "
                     "with --init_from=resume")
+                if orphans:  # exit non-zero, so that the launchers still alive end the job now
+                    raise D.RankFailure(f"the torchrun launcher of {orphans:.0f} rank(s) died; every rank saved "
+                                        f"checkpoint {last_ckpt} and stopped; resume with --init_from=resume",
+                                        everywhere=True)
                 break
-    except TrainingDiverged as e:
-        status = "diverged"
-        log(f"error: {e}")
+        else:  # no stop request: max_iters reached
+            status = "completed"
+    except BaseException as e:  # a second Ctrl-C, a lost rank, a full disk: the log says what ended the run
+        failure = D.explain(e, d) if isinstance(e, Exception) else None
+        error = {"type": type(failure or e).__name__, "message": str(failure or e)}
+        if isinstance(e, TrainingDiverged):
+            status = "diverged"
+            log(f"error: {e}")
+        if failure:
+            raise failure from e
         raise
     finally:
         batches.close()
         bar.close()
         if runlog:
-            runlog.finish(summarize(runlog, status, start_iter, best_val, last_losses, time.time() - t_start,
+            runlog.finish(summarize(runlog, status, error, start_iter, best_val, last_losses, time.time() - t_start,
                                     health, per_rank))
     return {"best_val_loss": best_val, "final": last_losses, "run_log": runlog and runlog.path,
             "checkpoint": last_ckpt, "per_rank": per_rank}
@@ -541,13 +678,13 @@ def post_training_record(objective, loss, lr, total_tokens, per_device_tps, metr
     return {}
 
 
-def summarize(runlog, status, start_iter, best_val, last_losses, wall, health, per_rank):
+def summarize(runlog, status, error, start_iter, best_val, last_losses, wall, health, per_rank):
     iters = runlog.doc["training_iterations"]
     steady = [r for r in iters[len(iters) // 10:] if r["iter"] > start_iter] or iters
     mean = lambda k: (sum(r[k] for r in steady) / len(steady)  # noqa: E731
                       if steady and steady[0].get(k) is not None else None)
     return {
-        "status": status, "final_iter": iters[-1]["iter"] if iters else start_iter,
+        "status": status, "error": error, "final_iter": iters[-1]["iter"] if iters else start_iter,
         "best_val_loss": finite_or_none(best_val),
         "final_train_loss": last_losses["train"] if last_losses else None,
         "final_val_loss": last_losses["val"] if last_losses else None,
@@ -569,8 +706,12 @@ def cli(argv=None):
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged:
+    except (TrainingDiverged, D.RankFailure):  # already reported
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("interrupted; the run log says failed; resume from the newest checkpoint with --init_from=resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -80,7 +80,7 @@ def load_records(source, limit=None):
 
 
 def _jsonl(path):
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # bytes: json decodes them itself, a leading byte-order mark included
         for i, line in enumerate(f, start=1):
             if line.strip():
                 try:

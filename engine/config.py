@@ -5,7 +5,9 @@ must be a known key of the right type. Command-line values are converted to the 
 did-you-mean, a wrong type names the key, the value and the type wanted.
 """
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -33,7 +35,8 @@ class TrainConfig:
     log_interval: int = key(10, "console line and run-log record every this many steps")
     gradient_log_interval: int = key(100, "per-layer gradient norms into the run log every this many steps; 0: off")
     always_save_checkpoint: bool = key(True, "checkpoint at every evaluation, not only when val loss improves")
-    keep_last_n_checkpoints: int = key(3, "delete older checkpoints beyond this many; 0 keeps all")
+    keep_last_n_checkpoints: int = key(3, "delete older checkpoints beyond this many (the one with the best val "
+                                            "loss is always kept); 0 keeps all")
     # post-training (objective sft or dpo): `dataset` is then chat data (local .jsonl/.json/.parquet, or hub:NAME)
     tokenizer: str | None = key(None, "gpt2 | llama2 | llama3 | qwen3 | hf:<dir>; None: init_from's (hf dir) or the "
                                       "checkpoint's")
@@ -62,6 +65,10 @@ class TrainConfig:
     use_zero1: bool = key(False, "shard AdamW state across ranks (ZeRO-1: ZeroRedundancyOptimizer over DDP)")
     use_fsdp: bool = key(False, "FSDP2 fully_shard on each block and the root (bf16 params, fp32 reduce on CUDA)")
     fsdp_reshard_after_forward: bool = key(True, "FSDP: free gathered parameters after forward (less memory)")
+    dist_timeout_minutes: float = key(10.0, "torchrun: a collective that waits longer than this for a rank ends the "
+                                            "job, naming the ranks that stopped answering (from the second step on)")
+    dist_init_timeout_minutes: float = key(30.0, "torchrun: the same limit until the first step is done (start-up, "
+                                                 "loading, reference log-probs, compilation)")
     use_cuda_graphs: bool = key(False, "CUDA only: capture forward and backward as CUDA graphs and replay them "
                                        "(torch.compile's reduce-overhead mode; implies compile; needs one "
                                        "micro-step per rank)")
@@ -113,6 +120,27 @@ CHOICES = {"init_from": None, "objective": ("pretrain", "sft", "dpo"), "device":
            "attention_backend": ("auto", "manual", "sdpa", "flash_attn_2"),
            "lr_schedule": ("cosine", "linear", "constant", "wsd")}
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+POSITIVE = ("positive", lambda v: v > 0)
+FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
+# Every numeric key must be finite and not negative (a key added later included); these are narrower. NaN fails
+# every comparison, so each test refuses it too.
+RANGES = {
+    **dict.fromkeys(("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
+                     "gradient_accumulation_steps", "block_size", "max_seq_length", "max_examples", "n_layer", "n_head",
+                     "n_kv_head", "n_embd", "head_dim", "intermediate_size", "vocab_size"), AT_LEAST_1),
+    **dict.fromkeys(("learning_rate", "num_train_epochs", "dpo_beta", "peak_flops", "norm_eps", "rope_theta",
+                     "rope_scaling_factor"), POSITIVE),
+    **dict.fromkeys(("val_fraction", "warmup_ratio", "beta1", "beta2", "dropout"), FRACTION),
+    "wsd_decay_ratio": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "dpo_label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    "seed": ("in [0, 2**63)", lambda v: 0 <= v < 2 ** 63),  # numpy seeds only non-negative integers
+    # 0 would fail every collective at once; beyond a year (in minutes) timedelta overflows
+    **dict.fromkeys(("dist_timeout_minutes", "dist_init_timeout_minutes"),
+                    ("in (0, 525600], a year at most", lambda v: 0 < v <= 525600)),
+}
+NOT_NEGATIVE = ("0 or more", lambda v: v >= 0)
 
 
 def type_name(tp):
@@ -165,7 +193,7 @@ def coerce(name, value, tp, from_text=True):
             if isinstance(value, str):
                 return value
             raise ValueError
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int beyond any float, e.g. 10**400 in a config file
         pass
     raise ConfigError(f"{name}={value!r} is not a valid {type_name(tp)}")
 
@@ -177,7 +205,8 @@ def unknown_key(name):
 
 
 def load_config_file(path):
-    """Run a config file in its own namespace and return its public assignments."""
+    """Run a config file in its own namespace and return its public assignments. The file is Python and runs with
+    the trainer's rights, as nanoGPT's do: only trusted config files may be run."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path) as f:
@@ -185,6 +214,9 @@ def load_config_file(path):
     namespace = {"__file__": os.path.abspath(path)}
     try:
         exec(compile(source, path, "exec"), namespace)
+    except SystemExit as e:  # would otherwise end the run with status 0, having trained nothing
+        raise ConfigError(f"config file {path} called exit ({e.code!r}) instead of only assigning settings; remove "
+                          "the exit call") from None
     except Exception as e:
         raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
     return {k: v for k, v in namespace.items()
@@ -222,6 +254,10 @@ def validate(cfg):
     for name, allowed in CHOICES.items():
         if allowed and getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device={cfg.device!r} is not a device this engine runs on: use auto, cpu, cuda, cuda:N "
+                          "(N a GPU's index) or mps")
+    check_numbers(cfg)
     if cfg.use_zero1 and cfg.use_fsdp:
         raise ConfigError("use_zero1 and use_fsdp are exclusive: FSDP already shards optimizer state")
     if cfg.use_cuda_graphs and cfg.use_fsdp:
@@ -229,37 +265,27 @@ def validate(cfg):
     if cfg.use_cuda_graphs and cfg.objective != "pretrain":
         raise ConfigError(f"use_cuda_graphs needs static shapes, but objective={cfg.objective} pads each batch to "
                           "its longest row; use compile=True without graphs")
-    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
-                 "log_interval"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("gradient_log_interval", "keep_last_n_checkpoints", "warmup_iters", "dataloader_num_workers",
-                 "loss_chunk_size"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
-    if cfg.block_size is not None and cfg.block_size < 1:
-        raise ConfigError(f"block_size must be at least 1, got {cfg.block_size}")
-    if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
-        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if not 0 < cfg.wsd_decay_ratio <= 1:
-        raise ConfigError(f"wsd_decay_ratio must be in (0, 1], got {cfg.wsd_decay_ratio}")
-    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
-        raise ConfigError(f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate="
-                          f"{cfg.learning_rate}, min_lr={cfg.min_lr}")
-    if cfg.grad_clip < 0:
-        raise ConfigError(f"grad_clip must not be negative, got {cfg.grad_clip}")
-    if not 0 <= cfg.val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.num_train_epochs is not None and cfg.num_train_epochs <= 0:
-        raise ConfigError(f"num_train_epochs must be positive, got {cfg.num_train_epochs}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ConfigError(f"min_lr={cfg.min_lr} exceeds learning_rate={cfg.learning_rate}: the schedule decays from "
+                          "learning_rate down to min_lr, so lower min_lr")
     if cfg.num_train_epochs is not None and cfg.objective == "pretrain":
         raise ConfigError("num_train_epochs is for objective=sft or dpo; pretraining runs max_iters steps")
     if cfg.packing and cfg.objective != "sft":
         raise ConfigError("packing=True is for objective=sft")
-    if not 0 <= cfg.dpo_label_smoothing < 0.5:
-        raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {cfg.dpo_label_smoothing}")
-    if cfg.peak_flops is not None and cfg.peak_flops <= 0:
-        raise ConfigError(f"peak_flops must be positive FLOP/s, e.g. 989e12, got {cfg.peak_flops}")
+
+
+def check_numbers(cfg):
+    """Every int and float key against its range; None stands for "not set" where a key allows it."""
+    for name, f in FIELDS.items():
+        v = getattr(cfg, name)
+        if v is None or not {int, float} & set(typing.get_args(f.type) or (f.type,)):
+            continue
+        text, ok = RANGES.get(name, NOT_NEGATIVE)
+        if isinstance(v, float) and not math.isfinite(v):
+            text = "a finite number"  # inf passes every lower bound
+        elif ok(v):
+            continue
+        raise ConfigError(f"{name} must be {text}, got {v!r} ({f.metadata['help']}; default {f.default!r})")
 
 
 def config_dict(cfg):

@@ -43,26 +43,39 @@ class TokenDataset:
         if not os.path.isfile(meta_path):
             raise DataError(f"{meta_path} is missing; run the dataset's prepare.py to create it")
         try:
-            with open(meta_path) as f:
+            with open(meta_path, "rb") as f:
                 self.meta = json.load(f)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, or not UTF-8
             raise DataError(f"{meta_path} is not valid JSON ({e}); re-run prepare.py with --force") from e
+        if not isinstance(self.meta, dict):
+            raise DataError(f"{meta_path} holds a JSON {type(self.meta).__name__}, not an object with vocab_size, "
+                            "dtype and splits; re-run prepare.py with --force")
         for k in ("vocab_size", "dtype", "splits"):
             if k not in self.meta:
                 raise DataError(f"{meta_path} lacks {k!r}; re-run prepare.py with --force")
-        if self.meta["dtype"] not in DTYPES:
-            raise DataError(f"{meta_path}: dtype {self.meta['dtype']!r} is not uint16 or uint32")
-        self.dtype = DTYPES[self.meta["dtype"]]
-        self.vocab_size = int(self.meta["vocab_size"])
+        dtype, vocab, splits = self.meta["dtype"], self.meta["vocab_size"], self.meta["splits"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise DataError(f"{meta_path}: dtype {dtype!r} is not uint16 or uint32; re-run prepare.py with --force")
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+            raise DataError(f"{meta_path}: vocab_size {vocab!r} is not a positive integer; re-run prepare.py with "
+                            "--force")
+        if not isinstance(splits, dict):
+            raise DataError(f"{meta_path}: splits is a JSON {type(splits).__name__}, not an object naming the files "
+                            "of train and val; re-run prepare.py with --force")
+        self.dtype, self.vocab_size = DTYPES[dtype], vocab
         if vocab_limit is not None and self.vocab_size > vocab_limit:
             raise DataError(f"{meta_path}: the tokenizer's vocab_size {self.vocab_size} exceeds the model's "
                             f"vocab_size {vocab_limit}; set --vocab_size={self.vocab_size} or larger")
         self.splits = {}
         for split in ("train", "val"):
-            info = self.meta["splits"].get(split)
-            if not info or not info.get("files"):
+            info = splits.get(split)
+            if not info:
                 raise DataError(f"{meta_path} lists no {split} split; re-run prepare.py with a {split} split")
-            self.splits[split] = [self._open(f, vocab_limit if check_ids else None) for f in info["files"]]
+            files = info.get("files") if isinstance(info, dict) else None
+            if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+                raise DataError(f"{meta_path}: splits.{split} needs \"files\", a non-empty list of file names, got "
+                                f"{files!r}; re-run prepare.py with --force")
+            self.splits[split] = [self._open(f, vocab_limit if check_ids else None) for f in files]
             n = sum(len(a) for a in self.splits[split])
             if "tokens" in info and n != info["tokens"]:
                 raise DataError(f"{folder}: the {split} files hold {n} tokens but meta.json says {info['tokens']}; "
@@ -85,6 +98,10 @@ class TokenDataset:
             if top >= vocab_limit:
                 raise DataError(f"{path} holds token id {top}, outside the model's vocabulary of {vocab_limit}; "
                                 "the data was made with another tokenizer, or vocab_size is too small")
+            if top >= self.vocab_size:  # a row the model has only as padding: the bins and meta.json disagree
+                raise DataError(f"{path} holds token id {top}, outside the vocabulary of {self.vocab_size} that "
+                                "meta.json gives; the data was made with another tokenizer or meta.json is wrong: "
+                                "re-run prepare.py with --force")
         return arr
 
 

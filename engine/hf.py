@@ -9,9 +9,11 @@ same table backwards, so the two directions cannot drift apart.
 import inspect
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import ModelConfig
@@ -39,7 +41,12 @@ def read_config(path):
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no config.json, so it is not a transformers checkpoint directory")
-    hf = json.loads(file.read_text())
+    try:
+        hf = json.loads(file.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} holds a JSON {type(hf).__name__}, not a transformers config object")
     if "auto_map" in hf:
         raise ValueError(f"{file} has auto_map: the model needs its own remote code, which we never run")
     kind = hf.get("model_type")
@@ -180,14 +187,37 @@ def listing(names, most=10):
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
+def load_bin(file):
+    """A pytorch_model.bin through torch's weights-only unpickler, which builds tensors and plain containers and
+    refuses anything else: a pickle asking for more may run code, so it is never loaded another way."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on the pickle protocol; the refusal below says what matters
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, UnicodeDecodeError...: torch raises many kinds
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the refused pickle asked for, e.g. posix.system
+        why = f"it asks for {code[1]}" if code else type(e).__name__
+        raise ValueError(f"{file} is refused as unsafe or damaged ({why}): it is not a plain pickle of tensors; use "
+                         "safetensors weights (model.safetensors, which save_pretrained writes by default) from a "
+                         "source you trust") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file} does not hold a dict of named tensors; use safetensors weights (model.safetensors)")
+    return state
+
+
 def read_weights(path):
     file = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
     if file is None:
         raise FileNotFoundError(f"{path} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
     files = [file]
     if file.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
-        if any(Path(s).name != s for s in shards):
+        try:
+            shards = sorted(set(json.loads(file.read_bytes())["weight_map"].values()))
+            outside = any(Path(s).name != s for s in shards)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{file} is damaged: it holds no weight_map of tensor names to shard files ({e!r}); "
+                             "download or save it again") from None
+        if outside:
             raise ValueError(f"{file} names shards outside its directory")
         files = [path / s for s in shards]
     tensors = {}
@@ -195,9 +225,12 @@ def read_weights(path):
         if not f.is_file():
             raise FileNotFoundError(f"{f} is missing (listed in {file.name})")
         if f.name.endswith(".safetensors"):
-            tensors.update(load_file(f))
+            try:
+                tensors.update(load_file(f))
+            except SafetensorError as e:
+                raise ValueError(f"{f} is damaged ({e}); download or save it again") from None
         else:
-            tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+            tensors.update(load_bin(f))
     return tensors
 
 

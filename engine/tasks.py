@@ -7,7 +7,8 @@
                              The loop averages micro-batches by weight, so the logged loss of an iteration is the mean
                              over all its tokens or pairs whatever the batch layout (packing, accumulation, ranks)
     tokens(batch)            the real (unpadded) tokens in the batch, for throughput
-    eval_batch(split, k)     the k-th fixed evaluation batch of "train" or "val"
+    eval_splits              the splits there is something to evaluate on: "train", and "val" unless it is empty
+    eval_batch(split, k)     the k-th fixed evaluation batch of one of eval_splits
     iters_per_epoch          for epoch-based schedules (SFT, DPO); None for pretraining
 """
 import math
@@ -34,11 +35,13 @@ from engine.data import EVAL, BatchSampler
 from engine.dpo import ReferenceCache, compute_reference, dpo_loss, reduce_logps, reference_key, sequence_logps
 
 SHUFFLE = 7  # stream tag of the per-epoch permutations
+NO_VAL = "; none held out for val, so evaluations report no val loss (val_fraction > 0 gives one)"
 
 
 class PretrainTask:
     metric_names = ()
     static_weights = True  # every micro-batch weighs B * T tokens
+    eval_splits = ("train", "val")  # a dataset folder always has both (TokenDataset checks)
 
     def __init__(self, cfg, data, block_size):
         self.sampler = BatchSampler(data, cfg.batch_size, block_size, cfg.seed)
@@ -73,6 +76,8 @@ class EpochTask:
         if not train:
             raise ConfigError(f"{cfg.dataset}: no training examples left after tokenization and the val split")
         self.train, self.val, self.seed = train, val, cfg.seed
+        # val_fraction=0, or too few examples to hold any out: no val loss, as TRL without an eval set
+        self.eval_splits = ("train", "val") if val else ("train",)
         self.B, self.ga = cfg.batch_size, cfg.gradient_accumulation_steps
         self.iters_per_epoch = math.ceil(len(train) / (self.B * self.ga))
         self._perms = {}
@@ -116,7 +121,8 @@ class SFTTask(EpochTask):
         super().__init__(cfg, rows(pick(tr), max_len), rows(pick(va), max_len))
         self.pad, self.packing = tok.eot_id if tok.eot_id is not None else 0, cfg.packing
         log(f"sft: {len(tr)} train and {len(va)} val conversations in {len(self.train)} + {len(self.val)} rows "
-            f"({'packed' if cfg.packing else 'one per row'}), {self.iters_per_epoch} iterations per epoch")
+            f"({'packed' if cfg.packing else 'one per row'}), {self.iters_per_epoch} iterations per epoch"
+            + ("" if va else NO_VAL))
 
     def _collate(self, rows):
         return collate(rows, self.pad)
@@ -145,11 +151,20 @@ class DPOTask(EpochTask):
         if dropped:
             log(f"dpo: {dropped} of {len(triples)} pairs have no completion token within max_seq_length={max_len} "
                 "and are left out")
+        # such a pair's two log-probs are equal whatever the weights: its loss is a constant, its gradient zero
+        same = sum((x["chosen_ids"], x["chosen_labels"]) == (x["rejected_ids"], x["rejected_labels"])
+                   for x in self.items)
+        if same:
+            log(f"warning: dpo: chosen and rejected are the same tokens in {same} of {len(self.items)} pairs (within "
+                f"max_seq_length={max_len}); " + ("there is no preference to learn: check which fields hold the "
+                                                  "chosen and rejected answers" if same == len(self.items) else
+                                                  "those pairs teach nothing"))
         tr, va = split_val(len(self.items), cfg)
         super().__init__(cfg, tr, va)
         self.cfg, self.tok, self.max_len, self.pad = cfg, tok, max_len, tok.eot_id if tok.eot_id is not None else 0
         self.ref, self.key = None, None
-        log(f"dpo: {len(tr)} train and {len(va)} val pairs, {self.iters_per_epoch} iterations per epoch")
+        log(f"dpo: {len(tr)} train and {len(va)} val pairs, {self.iters_per_epoch} iterations per epoch"
+            + ("" if va else NO_VAL))
 
     def reference(self, model, wrapped, device, ctx, dtype, saved_key=None, log=print):
         """Load or compute the reference log-probs of every pair. `model` is the starting policy before any

@@ -1,5 +1,7 @@
 """Two gloo ranks under torchrun on CPU against one process with the same global batch."""
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,3 +108,165 @@ def test_failing_rank_ends_the_job_with_its_error(data, tmp_path):
     assert res.returncode != 0
     assert "injected failure on rank 1" in res.stderr + res.stdout
     assert time.time() - t0 < 120
+
+
+# ----------------------------------------------------------------------------------------------------------
+# more than one node, lost nodes and stopped ranks: two torchrun launchers meeting at a c10d rendezvous on
+# 127.0.0.1 run the same code path as two hosts
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(out_dir, dataset, *extra, launcher, step=0.1):
+    """train.py, each micro-step slowed by `step` seconds, under torchrun with `launcher` arguments; its own
+    session, so that a test can signal the launcher alone."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, os.path.join(ROOT, "tests/helpers/slow_train.py"),
+           *ARGS, f"--dataset={dataset}", f"--out_dir={out_dir}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_STEP": str(step)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def start_nodes(out_dir, dataset, *extra, step=0.1):
+    """Two one-process "nodes". The first is started alone until it listens, so that it hosts the rendezvous store."""
+    port = free_port()
+    launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=engine-test", "--shutdown_timeout=5"]
+    first = start(out_dir, dataset, *extra, launcher=launcher + ["--node_rank=0"], step=step)
+    wait(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, first)
+    return first, start(out_dir, dataset, *extra, launcher=launcher + ["--node_rank=1"], step=step)
+
+
+def wait(pred, proc, timeout=180):
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, f"process ended early:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() - t0 < timeout, "timed out waiting"
+        time.sleep(0.05)
+
+
+def has_ckpt(out_dir, it):
+    return lambda: os.path.isdir(os.path.join(out_dir, f"ckpt_{it:07d}"))
+
+
+def worker(launcher):
+    """(pid, RANK) of the one worker process a launcher started."""
+    [pid] = subprocess.run(["pgrep", "-P", str(launcher.pid), "-f", "slow_train.py"], capture_output=True,
+                           text=True).stdout.split()
+    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return int(pid), int(dict(e.split(b"=", 1) for e in env if b"=" in e)[b"RANK"])
+
+
+def test_two_nodes_match_one_process_and_a_killed_launcher_stops_both_with_a_checkpoint(data, reference, tmp_path):
+    """A launcher killed outright (kill -9, the OOM killer) takes its worker with it in an orderly way: the worker
+    gets SIGTERM from the kernel, every rank stops at the same step with a checkpoint and exits 1, so that the other
+    node's launcher ends the job at once (on success it would wait 5 minutes for the dead launcher), and resuming on
+    two nodes gives the uninterrupted curve."""
+    a, b = start_nodes(tmp_path, data, "--max_iters=10", "--eval_interval=5")
+    wait(has_ckpt(tmp_path, 5), a)
+    os.kill(b.pid, signal.SIGKILL)
+    out, _ = a.communicate(timeout=120)
+    assert a.returncode != 0, out[-3000:]
+    assert "stopping at iter" in out and "on another rank" in out, out[-3000:]
+    assert "error: the torchrun launcher of 1 rank(s) died; every rank saved checkpoint" in out, out[-3000:]
+    doc = run_log(tmp_path)
+    assert doc["summary"]["status"] == "preempted"
+    assert os.path.isdir(os.path.join(tmp_path, f"ckpt_{doc['summary']['final_iter']:07d}"))
+    a, b = start_nodes(tmp_path, data, "--max_iters=10", "--eval_interval=5", "--init_from=resume", step=0)
+    for p in (a, b):
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out[-3000:]
+    doc = run_log(tmp_path)
+    assert doc["environment"]["world_size"] == 2 and doc["summary"]["status"] == "completed"
+    close(losses(reference), losses(tmp_path))
+
+
+def test_lost_node_ends_the_other_naming_the_rank(data, tmp_path):
+    """A host that disappears (its launcher and worker killed at once): the other node's rank fails in its next
+    collective, names the silent rank, and its launcher ends the job."""
+    a, b = start_nodes(tmp_path, data, "--max_iters=40", "--eval_interval=5", "--dist_timeout_minutes=0.5")
+    wait(has_ckpt(tmp_path, 5), a)
+    pid, rank = worker(b)
+    os.kill(b.pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    out, _ = a.communicate(timeout=120)
+    assert a.returncode != 0
+    assert time.time() - t0 < 90  # the 30 s collective timeout at most, not the default half hour
+    assert f"rank {rank} (last heard in step" in out and "stopped answering" in out, out[-3000:]
+    summary = run_log(tmp_path)["summary"]
+    if rank:  # rank 0 survived and wrote the log: it says why the run ended
+        assert summary["status"] == "failed" and f"rank {rank} (last heard" in summary["error"]["message"]
+
+
+def test_stopped_rank_times_out_is_named_and_the_job_resumes(data, reference, tmp_path):
+    """A rank frozen with SIGSTOP: after dist_timeout_minutes the other rank names it and the job ends; resuming
+    gives the uninterrupted curve."""
+    p = start(tmp_path, data, "--max_iters=10", "--eval_interval=5", "--dist_timeout_minutes=0.1",
+              launcher=["--standalone", "--nproc_per_node=2", "--shutdown_timeout=5"])
+    wait(has_ckpt(tmp_path, 5), p)
+    pids = subprocess.run(["pgrep", "-P", str(p.pid), "-f", "slow_train.py"], capture_output=True,
+                          text=True).stdout.split()
+    ranks = {}
+    for pid in pids:
+        env = dict(e.split(b"=", 1) for e in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in e)
+        ranks[int(env[b"RANK"])] = int(pid)
+    os.kill(ranks[1], signal.SIGSTOP)
+    out, _ = p.communicate(timeout=150)
+    assert p.returncode != 0
+    assert "rank 0 waited in step" in out and "rank 1 (last heard in step" in out, out[-3000:]
+    assert "Timed out waiting 6000ms" in out
+    summary = run_log(tmp_path)["summary"]
+    assert summary["status"] == "failed" and summary["error"]["type"] == "RankFailure"
+    assert "rank 1 (last heard in step" in summary["error"]["message"]
+    ok(launch(2, tmp_path, data, "--max_iters=10", "--eval_interval=5", "--init_from=resume"))
+    close(losses(reference), losses(tmp_path))
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun on one node: drop srun's own options and run the task, slowed down (train.py -> tests/helpers/slow_train.py)
+while [[ $1 == --* ]]; do shift; done
+args=("$@")
+exec "${args[@]/#train.py/tests/helpers/slow_train.py}"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case $1 in show) echo 127.0.0.1 ;; requeue) echo "$@" >> "$SCONTROL_LOG" ;; esac
+"""
+
+
+def test_slurm_script_checkpoints_on_the_warning_signal_requeues_and_resumes(data, reference, tmp_path):
+    """scripts/slurm_train.sbatch with stand-ins for srun and scontrol: the SIGUSR1 Slurm sends before the time
+    limit reaches the workers through the script and a forwarding torchrun; every rank stops at one step with a
+    checkpoint, the script requeues the job and exits 0 (torchrun itself exits 1 after a signal), and the requeued
+    run resumes onto the uninterrupted curve."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "SLURM_JOB_NODELIST": "n0", "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2",
+           "MASTER_PORT": str(free_port()), "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "OMP_NUM_THREADS": "1",
+           "SLURM_SUBMIT_DIR": ROOT}
+    cmd = ["bash", os.path.join(ROOT, "scripts/slurm_train.sbatch"), *ARGS, f"--dataset={data}", f"--out_dir={out}",
+           "--max_iters=10", "--eval_interval=5"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLOW_STEP": "0.1"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait(has_ckpt(out, 5), p)
+    os.kill(p.pid, signal.SIGUSR1)
+    log, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, log[-3000:]
+    assert "SignalException" in log  # what torchrun itself says
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "42"]
+    doc = run_log(out)
+    assert doc["summary"]["status"] == "preempted"
+    assert os.path.isdir(os.path.join(out, f"ckpt_{doc['summary']['final_iter']:07d}"))
+    res = subprocess.run(cmd, cwd=ROOT, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert run_log(out)["summary"]["status"] == "completed"
+    close(losses(reference), losses(out))

@@ -130,7 +130,10 @@ def test_dpo_learns_the_rule_without_running_the_reference(chat, tmp_path, monke
     ref_batches = -(-len(make_toy_dpo(200, seed=1)) // 8)
     assert calls["n"] == ref_batches + forwards["train"] + n_eval and forwards["train"] == 40
     first, last = doc["evals"][0], doc["evals"][-1]
-    assert first["val_rewards/accuracy"] == 0.0 and abs(first["val_loss"] - 0.6931) < 1e-3  # policy = reference
+    # policy = reference: every reward is zero up to float rounding (the reference pass batches the pairs otherwise,
+    # so on some CPUs a few pairs differ by ~1e-7 and "accuracy", a strict comparison, is not exactly zero)
+    assert all(abs(first[f"val_rewards/{k}"]) < 1e-4 for k in ("chosen", "rejected", "margin"))
+    assert abs(first["val_loss"] - 0.6931) < 1e-3
     assert last["val_rewards/accuracy"] > 0.6 and last["val_rewards/margin"] > first["val_rewards/margin"]
     rec = doc["training_iterations"][-1]
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",

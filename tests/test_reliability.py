@@ -4,6 +4,9 @@ import errno
 import json
 import os
 import pickle
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import train
-from engine.checkpoint import CheckpointError, find_latest, list_checkpoints, load_meta
+from engine.checkpoint import CheckpointError, find_latest, list_checkpoints, load_checkpoint, load_meta
 from engine.config import FIELDS, ConfigError, parse_args
 from engine.data import DataError
 
@@ -119,23 +122,58 @@ def test_preemption_signal_checkpoints_and_exits_zero(data, reference, tmp_path,
     assert_same(losses(tmp_path), reference)
 
 
-def test_full_disk_during_checkpoint(data, tmp_path, monkeypatch):
-    import engine.checkpoint as C
+def run_cli(*args, preexec=None, wrap=()):
+    """train.py's command line in a process of its own: (exit code, stderr lines)."""
+    proc = subprocess.run([*wrap, sys.executable, os.path.join(ROOT, "train.py"), *ARGS, *args], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=preexec, timeout=300)
+    return proc.returncode, proc.stderr.splitlines()
 
-    real = C.dcp.save
-    calls = {"n": 0}
 
-    def fill_disk(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*a, **k)
+def assert_checkpoint_write_refused(code, err, out_dir, kept, why):
+    """One line naming the cause and the fix, exit code 2, no traceback; the partial folder gone, earlier ones whole."""
+    assert code == 2 and not any("Traceback" in line for line in err), "\n".join(err[-40:])
+    [line] = [e for e in err if e.startswith("error:")]
+    assert re.fullmatch(rf"error: could not write checkpoint \S+/ckpt_0000008 \({why}\); the earlier checkpoints in "
+                        r"\S+ are intact; free disk space \(or point --out_dir elsewhere\) and resume", line), line
+    assert ckpt_iters(out_dir) == kept and not [p for p in os.listdir(out_dir) if ".tmp" in p]
+    path, meta = find_latest(out_dir)  # whole: every file matches the checksum it was written with
+    assert meta["iter_num"] == kept[-1] and load_checkpoint(path)["iter_num"] == kept[-1]
 
-    monkeypatch.setattr(C.dcp, "save", fill_disk)
-    with pytest.raises(CheckpointError, match=r"ckpt_0000008 .*No space left.*earlier checkpoints .* intact"):
-        train.main(parse_args(ARGS + [f"--dataset={data}", f"--out_dir={tmp_path}"]), log=lambda *a: None)
-    assert ckpt_iters(tmp_path) == [4] and load_meta(list_checkpoints(tmp_path)[0])["iter_num"] == 4
-    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+def file_size_limit(limit):
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def test_full_disk_during_checkpoint(data, tmp_path):
+    """A write the storage refuses for real: the checkpoint at iteration 4 is written without a limit, the resumed run
+    under a file-size limit that the run log and the small checkpoint files fit and a tensor shard (0.5 MB) does not."""
+    train.main(parse_args(ARGS + [f"--dataset={data}", f"--out_dir={tmp_path}", "--max_iters=4"]),
+               log=lambda *a: None)
+    code, err = run_cli(f"--dataset={data}", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=12",
+                        preexec=file_size_limit(256 << 10))
+    assert_checkpoint_write_refused(code, err, tmp_path, [4], r"\[Errno 27\] File too large")
+
+
+@pytest.mark.slow
+def test_full_disk_on_a_small_file_system(data, tmp_path):
+    """A file system that really fills up: a 1 MB tmpfs holds the first checkpoint and not the second. Mounting it
+    needs a user and mount namespace (unshare -rm); where those are not allowed the test is skipped."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("cannot create a user and mount namespace here")
+    mnt, after = tmp_path / "mnt", tmp_path / "after"
+    mnt.mkdir()
+    after.mkdir()
+    # the tmpfs disappears with the namespace, so what it holds is copied out before the shell leaves
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} || exit 99; \"$@\"; code=$?; cp -a {mnt}/. {after}/; "
+              "exit $code")
+    code, err = run_cli(f"--dataset={data}", f"--out_dir={mnt}", "--max_iters=12",
+                        wrap=["unshare", "-rm", "sh", "-c", script, "sh"])
+    if code == 99:
+        pytest.skip("cannot mount a tmpfs here")
+    assert_checkpoint_write_refused(code, err, after, [4], r"\[Errno 28\] No space left on device")
 
 
 def test_full_disk_during_run_log_write_keeps_the_log_valid(data, tmp_path, monkeypatch):
@@ -172,7 +210,7 @@ def test_corrupt_or_truncated_newest_checkpoint_falls_back(data, tmp_path):
     path, meta = find_latest(tmp_path, warn=warned.append)
     assert meta["iter_num"] == 4
     assert "truncated" in warned[0] and "ckpt_0000012" in warned[0]
-    assert "ckpt_0000008" in warned[1] and "cannot be read" in warned[1]
+    assert "ckpt_0000008 is truncated: meta.pt has 7 bytes" in warned[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,7 +252,9 @@ def test_checkpoint_of_another_architecture_names_the_keys(data, tmp_path):
     path = list_checkpoints(tmp_path)[-1]
     meta = torch.load(os.path.join(path, "meta.pt"), weights_only=True)
     meta["model_config"].update(n_layer=3, n_embd=48)  # as if another model's weights sat in this folder
+    del meta["checksums"]  # and as if written before checksums, which would refuse the edited meta.pt
     torch.save(meta, os.path.join(path, "meta.pt"))
+    os.remove(os.path.join(path, "checksums.json"))
     with pytest.raises(CheckpointError, match=r"architecture.*blocks\.2.*shape mismatches"):
         resume(tmp_path, data)
 
@@ -233,6 +273,7 @@ def test_pickle_payloads_in_a_checkpoint_are_refused(data, tmp_path):
     train.main(parse_args(ARGS + [f"--dataset={data}", f"--out_dir={tmp_path}", "--max_iters=4"]),
                log=lambda *a: None)
     path = list_checkpoints(tmp_path)[-1]
+    os.remove(os.path.join(path, "checksums.json"))  # whoever plants a payload can drop or forge the checksums too
     with open(os.path.join(path, "meta.pt"), "wb") as f:
         torch.save({"iter_num": 4, "model_config": {}, "evil": Payload()}, f)
     with pytest.raises(CheckpointError, match="cannot be read"):

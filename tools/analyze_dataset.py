@@ -81,7 +81,7 @@ def record_lengths(path, tok, num_proc=1):
     global _TOK
     _TOK = tok
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, which some editors write, is dropped
         records = json.load(f) if path.suffix == ".json" else [json.loads(line) for line in f if line.strip()]
     kind = "dpo" if records and "chosen" in records[0] and "rejected" in records[0] else "sft"
     step = max(1, math.ceil(len(records) / (4 * num_proc)))

@@ -21,7 +21,7 @@ def _jsonl_records(path):
 
 
 def _json_records(path):
-    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    records = json.loads(Path(path).read_bytes())  # bytes: json decodes them itself, a byte-order mark included
     if not isinstance(records, list):
         raise ValueError(f"{path}: a .json dataset must hold a list of records")
     for r in records:

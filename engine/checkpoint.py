@@ -237,6 +237,7 @@ def _barrier():
 
 
 def _gather(x):
+    """engine.distributed.all_gather_objects; engine.distributed imports this module, so it cannot be imported here."""
     if not dist.is_initialized():
         return [x]
     out = [None] * dist.get_world_size()

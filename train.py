@@ -514,8 +514,7 @@ def run(cfg, d, log, stop=None):
         log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, "
             + (f"val loss {val:.4f}" if val is not None else "no val examples")
             + "".join(f", {k} {v:.4f}" for k, v in extra.items() if v is not None))
-        record("evals", {"iter": iter_num, "train_loss": finite_or_none(losses["train"]),
-                         "val_loss": finite_or_none(val), **extra})
+        record("evals", {"iter": iter_num, "train_loss": losses["train"], "val_loss": val, **extra})
         evaluated = (iter_num, val)
         if val is None:  # nothing to judge by: every evaluation checkpoints, as always_save_checkpoint would
             return losses, True
@@ -600,7 +599,7 @@ def run(cfg, d, log, stop=None):
             try:
                 health.check(iter_num, loss_val, norm_for_health, (last_ckpt, last_val), best_ckpt)
             except TrainingDiverged:
-                record("health", {"iter": iter_num, "kind": "diverged", "loss": finite_or_none(loss_val),
+                record("health", {"iter": iter_num, "kind": "diverged", "loss": loss_val,
                                   "nonfinite_grads": nonfinite_grads(owner)})
                 raise
             if cfg.gradient_log_interval and iter_num % cfg.gradient_log_interval == 0:
@@ -621,7 +620,7 @@ def run(cfg, d, log, stop=None):
                 mem_a = torch.cuda.memory_allocated() / 1e9 if dev_type == "cuda" else None
                 mem_r = torch.cuda.memory_reserved() / 1e9 if dev_type == "cuda" else None
                 record("training_iterations", {
-                    "iter": iter_num, "loss": loss_val, "lr": lr, "grad_norm": finite_or_none(norm_val),
+                    "iter": iter_num, "loss": loss_val, "lr": lr, "grad_norm": norm_val,
                     "dt_ms": dt * 1000, "data_wait_ms": data_wait * 1000, "tokens_per_sec": tps,
                     "tokens_per_sec_per_device": tps / d.world_size,
                     "mfu": m, "memory_allocated_gb": mem_a, "memory_reserved_gb": mem_r,
@@ -685,7 +684,7 @@ def summarize(runlog, status, error, start_iter, best_val, last_losses, wall, he
                       if steady and steady[0].get(k) is not None else None)
     return {
         "status": status, "error": error, "final_iter": iters[-1]["iter"] if iters else start_iter,
-        "best_val_loss": finite_or_none(best_val),
+        "best_val_loss": best_val,
         "final_train_loss": last_losses["train"] if last_losses else None,
         "final_val_loss": last_losses["val"] if last_losses else None,
         "wall_time_sec": wall, "mean_tokens_per_sec": mean("tokens_per_sec"),

@@ -9,6 +9,7 @@ import time
 import pytest
 from conftest import ROOT, run_log, write_dataset
 from conftest import logged_losses as losses
+from test_reliability import ckpt_iters, wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -136,28 +137,22 @@ def start_nodes(out_dir, dataset, *extra, step=0.1):
     launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                 "--rdzv_id=engine-test", "--shutdown_timeout=5"]
     first = start(out_dir, dataset, *extra, launcher=launcher + ["--node_rank=0"], step=step)
-    wait(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, first)
+    wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, first, timeout=180)
     return first, start(out_dir, dataset, *extra, launcher=launcher + ["--node_rank=1"], step=step)
 
 
-def wait(pred, proc, timeout=180):
-    t0 = time.time()
-    while not pred():
-        assert proc.poll() is None, f"process ended early:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() - t0 < timeout, "timed out waiting"
-        time.sleep(0.05)
-
-
 def has_ckpt(out_dir, it):
-    return lambda: os.path.isdir(os.path.join(out_dir, f"ckpt_{it:07d}"))
+    return lambda: it in ckpt_iters(out_dir)
 
 
-def worker(launcher):
-    """(pid, RANK) of the one worker process a launcher started."""
-    [pid] = subprocess.run(["pgrep", "-P", str(launcher.pid), "-f", "slow_train.py"], capture_output=True,
-                           text=True).stdout.split()
-    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    return int(pid), int(dict(e.split(b"=", 1) for e in env if b"=" in e)[b"RANK"])
+def workers(launcher):
+    """{RANK: pid} of the worker processes a launcher started."""
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid), "-f", "slow_train.py"], capture_output=True,
+                              text=True).stdout.split():
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        ranks[int(dict(e.split(b"=", 1) for e in env if b"=" in e)[b"RANK"])] = int(pid)
+    return ranks
 
 
 def test_two_nodes_match_one_process_and_a_killed_launcher_stops_both_with_a_checkpoint(data, reference, tmp_path):
@@ -166,7 +161,7 @@ def test_two_nodes_match_one_process_and_a_killed_launcher_stops_both_with_a_che
     node's launcher ends the job at once (on success it would wait 5 minutes for the dead launcher), and resuming on
     two nodes gives the uninterrupted curve."""
     a, b = start_nodes(tmp_path, data, "--max_iters=10", "--eval_interval=5")
-    wait(has_ckpt(tmp_path, 5), a)
+    wait_for(has_ckpt(tmp_path, 5), a, timeout=180)
     os.kill(b.pid, signal.SIGKILL)
     out, _ = a.communicate(timeout=120)
     assert a.returncode != 0, out[-3000:]
@@ -188,8 +183,8 @@ def test_lost_node_ends_the_other_naming_the_rank(data, tmp_path):
     """A host that disappears (its launcher and worker killed at once): the other node's rank fails in its next
     collective, names the silent rank, and its launcher ends the job."""
     a, b = start_nodes(tmp_path, data, "--max_iters=40", "--eval_interval=5", "--dist_timeout_minutes=0.5")
-    wait(has_ckpt(tmp_path, 5), a)
-    pid, rank = worker(b)
+    wait_for(has_ckpt(tmp_path, 5), a, timeout=180)
+    [(rank, pid)] = workers(b).items()
     os.kill(b.pid, signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)
     t0 = time.time()
@@ -207,14 +202,8 @@ def test_stopped_rank_times_out_is_named_and_the_job_resumes(data, reference, tm
     gives the uninterrupted curve."""
     p = start(tmp_path, data, "--max_iters=10", "--eval_interval=5", "--dist_timeout_minutes=0.1",
               launcher=["--standalone", "--nproc_per_node=2", "--shutdown_timeout=5"])
-    wait(has_ckpt(tmp_path, 5), p)
-    pids = subprocess.run(["pgrep", "-P", str(p.pid), "-f", "slow_train.py"], capture_output=True,
-                          text=True).stdout.split()
-    ranks = {}
-    for pid in pids:
-        env = dict(e.split(b"=", 1) for e in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in e)
-        ranks[int(env[b"RANK"])] = int(pid)
-    os.kill(ranks[1], signal.SIGSTOP)
+    wait_for(has_ckpt(tmp_path, 5), p, timeout=180)
+    os.kill(workers(p)[1], signal.SIGSTOP)
     out, _ = p.communicate(timeout=150)
     assert p.returncode != 0
     assert "rank 0 waited in step" in out and "rank 1 (last heard in step" in out, out[-3000:]
@@ -256,7 +245,7 @@ def test_slurm_script_checkpoints_on_the_warning_signal_requeues_and_resumes(dat
            "--max_iters=10", "--eval_interval=5"]
     p = subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLOW_STEP": "0.1"}, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait(has_ckpt(out, 5), p)
+    wait_for(has_ckpt(out, 5), p, timeout=180)
     os.kill(p.pid, signal.SIGUSR1)
     log, _ = p.communicate(timeout=120)
     assert p.returncode == 0, log[-3000:]

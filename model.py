@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.attention import ATTENTION_FNS, BACKENDS
+from engine.hf import load_hf, save_hf
 from engine.losses import chunked_cross_entropy
 
 
@@ -389,12 +390,8 @@ class GPT(nn.Module):
     @classmethod
     def from_hf(cls, path, **overrides):
         """Load a local transformers checkpoint directory (GPT-2, Llama, Qwen2, Qwen3) into a GPT."""
-        from engine.hf import load_hf
-
-        return load_hf(cls, path, **overrides)
+        return load_hf(cls, ModelConfig, path, **overrides)
 
     def to_hf(self, out_dir):
         """Write config.json and model.safetensors that transformers loads as the matching class."""
-        from engine.hf import save_hf
-
         save_hf(self, out_dir)

@@ -7,7 +7,8 @@ Train a GPT on memory-mapped token bins: one process on CPU or one GPU, or many 
     python train.py --help
 
 Config files and --key=value overrides apply left to right over the schema in engine/config.py. One loop serves
-every objective (pretrain, sft, dpo); an objective is a task in engine/tasks.py: a batch source and a loss.
+every objective (pretrain, sft, dpo); an objective is a task in engine/objectives.py: a batch source and a loss.
+The phases of a run are the functions below, in the order run() calls them.
 """
 import dataclasses
 import json
@@ -34,12 +35,19 @@ from engine.checkpoint import (
     find_latest,
     list_checkpoints,
     load_meta,
+    load_model_state,
+    load_state,
     save_checkpoint,
+    state_tensors,
 )
 from engine.config import MODEL_KEYS, ConfigError, config_dict, help_text, parse_args
-from engine.data import DataError, TokenDataset, resolve_dataset_dir, to_device, train_batches
+from engine.data.bins import DataError, TokenDataset, resolve_dataset_dir, to_device, train_batches
+from engine.data.tokenizers import resolve_tokenizer
 from engine.health import HealthMonitor, TrainingDiverged
-from engine.metrics import (
+from engine.objectives import DPOTask, PretrainTask, SFTTask
+from engine.optim import lr_at, make_optimizer
+from engine.rundir import claim
+from engine.runlog import (
     MFU_CONVENTION,
     RunLog,
     device_name,
@@ -50,14 +58,22 @@ from engine.metrics import (
     mfu,
     new_log_path,
 )
-from engine.optim import lr_at, make_optimizer
-from engine.rundir import claim
-from engine.tasks import DPOTask, PretrainTask, SFTTask
-from engine.tokenizers import get_tokenizer
+from engine.step import forward_backward, optimizer_step
 from model import GPT, PRESETS, ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------
-# set-up
+# set-up: where the run computes, where it starts, what it trains on
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    device: str  # "cpu", "cuda:3", ...
+    type: str  # cpu | cuda | mps
+    dtype: str  # float32 | bfloat16 | float16: what the forward computes in
+    ctx: object  # the autocast context of that dtype (a null context for float32, and for FSDP's own casting)
+    backend: str  # the attention backend resolved from attention_backend=auto or checked as asked
+    backend_reason: str | None  # why, where auto chose
+
 
 def setup_device(cfg, d):
     device = cfg.device
@@ -92,7 +108,24 @@ def setup_device(cfg, d):
     # FSDP casts parameters itself (MixedPrecisionPolicy), so autocast is only for the other modes
     plain = dtype == "float32" or (cfg.use_fsdp and dev_type == "cuda" and dtype == "bfloat16")
     ctx = nullcontext() if plain else torch.autocast(device_type=dev_type, dtype=ptdtype)
-    return device, dev_type, dtype, ctx
+    try:
+        backend, reason = resolve_backend(cfg.attention_backend, dev_type, dtype)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
+    return Hardware(device, dev_type, dtype, ctx, backend, reason)
+
+
+def check_layout(cfg, d):
+    """The micro-batches of a step per rank, once the layout of the job is checked."""
+    if cfg.gradient_accumulation_steps % d.world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts the micro-batches "
+                          f"of the whole job and must be divisible by the world size {d.world_size}")
+    if (cfg.use_fsdp or cfg.use_zero1) and not d.enabled:
+        raise ConfigError("use_fsdp and use_zero1 shard across the ranks of a torchrun job; launch with torchrun "
+                          "(torchrun --standalone --nproc_per_node=N train.py ...), N=1 included")
+    local_ga = cfg.gradient_accumulation_steps // d.world_size
+    check_micro_steps(cfg, local_ga)
+    return local_ga
 
 
 def check_micro_steps(cfg, micro_steps):
@@ -102,6 +135,56 @@ def check_micro_steps(cfg, micro_steps):
         raise ConfigError(f"use_cuda_graphs with {micro_steps} micro-steps per rank and step: gradients of one replay "
                           "would be overwritten by the next; make gradient_accumulation_steps equal to the number of "
                           "GPUs (raise batch_size instead), or use compile=True without CUDA graphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a run starts, decided once from init_from."""
+
+    kind: str  # scratch | resume (this out_dir's newest checkpoint) | checkpoint (one of ours: its weights) | hf
+    path: str | None = None  # the checkpoint folder, or the transformers directory
+    meta: dict | None = None  # the checkpoint's meta.pt (resume, checkpoint)
+
+    @property
+    def saved_config(self):
+        return (self.meta or {}).get("config") or {}
+
+
+def find_start(cfg, log):
+    if cfg.init_from == "scratch":
+        return Start("scratch")
+    if cfg.init_from == "resume":
+        path, meta = find_latest(cfg.out_dir, warn=log)
+        log(f"resuming from {path} (iteration {meta['iter_num']})")
+        return Start("resume", path, meta)
+    if not os.path.isdir(cfg.init_from):
+        raise ConfigError(f"init_from={cfg.init_from!r} is not scratch, resume, one of our checkpoints, or a local "
+                          "transformers checkpoint directory")
+    ours = our_checkpoint(cfg.init_from)
+    return Start("checkpoint", ours, load_meta(ours)) if ours else Start("hf", cfg.init_from)
+
+
+def text_source(cfg, start):
+    """(dataset folder, vocabulary, tokenizer): pretraining reads token bins, whose meta.json sizes the vocabulary;
+    SFT and DPO read text, so they need a tokenizer: the one named, else a transformers start's own, else the one
+    the starting checkpoint's run used (or its data was made with)."""
+    if cfg.objective == "pretrain":
+        data_dir = resolve_dataset_dir(cfg.dataset)
+        return data_dir, TokenDataset(data_dir, check_ids=False).vocab_size, None
+    try:
+        tok = resolve_tokenizer(cfg.tokenizer, cfg.tokenizer_path, hf_dir=start.path if start.kind == "hf" else None,
+                                saved=start.saved_config)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"objective={cfg.objective} needs a tokenizer: {e}") from e
+    return None, tok.tok.vocab_size, tok
+
+
+def our_checkpoint(path):
+    """init_from may name one of our checkpoints, or a run's out_dir (its newest checkpoint): that folder, else None."""
+    if os.path.isfile(os.path.join(path, "meta.pt")):
+        return path
+    found = list_checkpoints(path)
+    return found[-1] if found else None
 
 
 def model_config(cfg, data_vocab, backend):
@@ -121,118 +204,20 @@ def model_config(cfg, data_vocab, backend):
         raise ConfigError(str(e)) from None
 
 
-def our_checkpoint(path):
-    """init_from may name one of our checkpoints, or a run's out_dir (its newest checkpoint): that folder, else None."""
-    if os.path.isfile(os.path.join(path, "meta.pt")):
-        return path
-    found = list_checkpoints(path)
-    return found[-1] if found else None
-
-
-def build_model(cfg, data_vocab, backend, saved_meta):
+def build_model(cfg, vocab, backend, start):
     """A fresh model (weights still to load from a checkpoint); resumed, fine-tuned and transformers models keep
     their architecture and take only this run's settings of how to compute (backend, loss chunks, dropout)."""
-    if cfg.init_from == "scratch" and saved_meta is None:
-        return GPT(model_config(cfg, data_vocab, backend))
+    if start.kind == "scratch":
+        return GPT(model_config(cfg, vocab, backend))
     run = {"attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size}
     if cfg.dropout is not None:
         run["dropout"] = cfg.dropout
-    if saved_meta is not None:
-        return GPT(ModelConfig.from_dict({**saved_meta["model_config"], **run}))
-    if not os.path.isdir(cfg.init_from):
-        raise ConfigError(f"init_from={cfg.init_from!r} is not scratch, resume, one of our checkpoints, or a local "
-                          "transformers checkpoint directory")
+    if start.meta is not None:
+        return GPT(ModelConfig.from_dict({**start.meta["model_config"], **run}))
     try:
-        return GPT.from_hf(cfg.init_from, **run)
+        return GPT.from_hf(start.path, **run)
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"init_from={cfg.init_from}: {e}") from e
-
-
-def layer_groups(model):
-    """Parameter name -> the group its gradient norm is logged under (tok_emb, blocks.3, norm_f, ...)."""
-    groups = {}
-    for name, _ in model.named_parameters():
-        parts = name.replace("_checkpoint_wrapped_module.", "").split(".")
-        groups[name] = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
-    return groups
-
-
-def grad_norms_by_layer(model, groups):
-    """Gradient norm of each layer group over the whole model (shards summed across ranks)."""
-    names = sorted(set(groups.values()))
-    sq = torch.zeros(len(names), device=next(model.parameters()).device)
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            sq[names.index(groups[name])] += D.local(p.grad).detach().float().pow(2).sum()
-    if any(hasattr(p, "to_local") for p in model.parameters()):
-        D.all_reduce_sum(sq)  # FSDP: each rank holds a shard of every gradient
-    return dict(zip(names, sq.sqrt().tolist()))
-
-
-def nonfinite_grads(model):
-    return [n for n, p in model.named_parameters()
-            if p.grad is not None and not torch.isfinite(D.local(p.grad)).all()]
-
-
-@torch.no_grad()
-def evaluate(model, task, cfg, ctx, device, d):
-    """Weighted mean loss (and the task's metrics) over eval_iters fixed batches per split, dealt round-robin across
-    ranks. Every rank runs the same number of forward passes (FSDP's collectives need that); fillers weigh zero.
-    A task without val examples (SFT or DPO with val_fraction=0) reports val and its metrics as None."""
-    model.eval()
-    out = {"val": None, **{f"val_{n}": None for n in task.metric_names}}
-    per_rank = math.ceil(cfg.eval_iters / d.world_size)
-    for split in task.eval_splits:
-        acc = torch.zeros(2 + len(task.metric_names), device=device)  # weight, loss*weight, metric*weight...
-        for j in range(per_rank):
-            k = d.rank + j * d.world_size
-            b = to_device(task.eval_batch(split, k % cfg.eval_iters), device)
-            with ctx:
-                loss, metrics = task.loss(model, b)
-            w = float(task.weight(b)) if k < cfg.eval_iters else 0.0
-            acc += w * torch.stack([torch.ones((), device=device), loss.float().detach(),
-                                    *[metrics[n].float() for n in task.metric_names]])
-        acc = D.all_reduce_sum(acc).tolist()
-        out[split] = acc[1] / acc[0]
-        if split == "val":
-            out.update({f"val_{n}": v / acc[0] for n, v in zip(task.metric_names, acc[2:])})
-    model.train()
-    return out
-
-
-def make_task(cfg, mc, T, data_dir, tok, log):
-    if cfg.objective == "pretrain":
-        return PretrainTask(cfg, TokenDataset(data_dir, vocab_limit=mc.vocab_size), T)
-    if tok.vocab_size > mc.vocab_size:
-        raise ConfigError(f"tokenizer {tok.name} has {tok.vocab_size} ids but the model only {mc.vocab_size} rows; "
-                          "use the model's own tokenizer")
-    max_len = cfg.max_seq_length or T
-    if max_len > mc.block_size:
-        raise ConfigError(f"max_seq_length={max_len} exceeds the model's limit of {mc.block_size} positions")
-    return (SFTTask if cfg.objective == "sft" else DPOTask)(cfg, tok, max_len, log)
-
-
-def resolve_tokenizer(cfg, saved_meta):
-    """SFT and DPO need text: the tokenizer named, else a transformers init_from's own, else the one the resumed or
-    starting checkpoint's run used (or its data was made with). Returns (tokenizer, name, path)."""
-    name, path = cfg.tokenizer, cfg.tokenizer_path
-    if name is None and cfg.init_from not in ("scratch", "resume") and saved_meta is None:
-        name = f"hf:{cfg.init_from}"
-    saved = (saved_meta or {}).get("config") or {}
-    if name is None and saved.get("tokenizer"):
-        name, path = saved["tokenizer"], saved.get("tokenizer_path")
-    if name is None and saved.get("dataset"):
-        try:
-            meta = TokenDataset(resolve_dataset_dir(saved["dataset"]), check_ids=False).meta
-            name, path = meta.get("tokenizer"), meta.get("tokenizer_path")
-        except DataError:
-            pass
-    if name is None:
-        raise ConfigError(f"objective={cfg.objective} needs a tokenizer: set --tokenizer (gpt2, llama3, qwen3, ...)")
-    try:
-        return get_tokenizer(name, path), name, path
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-        raise ConfigError(f"tokenizer {name!r}: {e}") from e
+        raise ConfigError(f"init_from={start.path}: {e}") from e
 
 
 def free_memory(device):
@@ -309,6 +294,372 @@ def check_memory(cfg, model, T, device, dtype, d, available=None):
                       + f") but {available / GB:,.1f} GB is free; " + ", or ".join(fixes))
 
 
+def make_task(cfg, mc, T, data_dir, tok, log):
+    if cfg.objective == "pretrain":
+        return PretrainTask(cfg, TokenDataset(data_dir, vocab_limit=mc.vocab_size), T)
+    if tok.vocab_size > mc.vocab_size:
+        raise ConfigError(f"tokenizer {tok.name} has {tok.vocab_size} ids but the model only {mc.vocab_size} rows; "
+                          "use the model's own tokenizer")
+    max_len = cfg.max_seq_length or T
+    if max_len > mc.block_size:
+        raise ConfigError(f"max_seq_length={max_len} exceeds the model's limit of {mc.block_size} positions")
+    return (SFTTask if cfg.objective == "sft" else DPOTask)(cfg, tok, max_len, log)
+
+
+def settle_config(cfg, task, tok, log):
+    """The run's config as resolved, the one place it changes: the tokenizer found (recorded, so that later tools
+    find it) and max_iters from num_train_epochs."""
+    changes = {"tokenizer": tok.name, "tokenizer_path": tok.path} if tok else {}
+    if task.iters_per_epoch and cfg.num_train_epochs:
+        changes["max_iters"] = max(1, math.ceil(cfg.num_train_epochs * task.iters_per_epoch))
+        log(f"{cfg.num_train_epochs} epochs of {task.iters_per_epoch} iterations: max_iters={changes['max_iters']}")
+    return dataclasses.replace(cfg, **changes)
+
+
+def restore(start, cfg, d, hw, owner, optimizer, scaler, T, log):
+    """Load a resumed run's weights, optimizer, scaler and random state: (the checkpoint used, its iteration, its
+    best val loss). Tensors that cannot be read (no checksums caught it) fall back to an older checkpoint."""
+    if start.kind != "resume":
+        return start, 0, float("inf")
+    while True:
+        try:
+            load_state(start.path, owner, optimizer)
+            break
+        except DamagedCheckpoint as e:
+            log(f"warning: {e}; trying an older checkpoint")
+            path, meta = find_latest(cfg.out_dir, warn=log, before=start.meta["iter_num"])
+            start = Start("resume", path, meta)
+            log(f"resuming from {path} (iteration {meta['iter_num']})")
+    meta = start.meta
+    scaler.load_state_dict(meta["scaler"])
+    rng = meta["rng"]
+    if len(rng["torch"]) == d.world_size:
+        torch.set_rng_state(rng["torch"][d.rank])
+        if hw.type == "cuda" and rng["cuda"]:
+            torch.cuda.set_rng_state(rng["cuda"][d.rank])
+    else:  # another world size: dropout streams cannot carry over, so start fresh ones deterministically
+        torch.manual_seed(cfg.seed + 1000003 * meta["iter_num"] + d.rank)
+    saved = meta["data"]
+    ga = cfg.gradient_accumulation_steps
+    if (saved["batch_size"], saved["block_size"], saved["gradient_accumulation_steps"]) != (cfg.batch_size, T, ga):
+        log(f"warning: the checkpoint was trained with batch_size={saved['batch_size']}, block_size="
+            f"{saved['block_size']}, gradient_accumulation_steps={saved['gradient_accumulation_steps']}; "
+            "the data from here on differs from what the original run would have seen")
+    return start, meta["iter_num"], meta["best_val_loss"]
+
+
+def environment(cfg, d, hw, model, T, data_dir):
+    """What the run log records of where and how the run computes."""
+    mc = model.config
+    dev_name = device_name(hw.device)
+    commit, dirty = git_state() if d.master else (None, None)
+    return {
+        "torch_version": torch.__version__, "python_version": platform.python_version(), "device": hw.device,
+        "device_name": dev_name, "world_size": d.world_size, "dtype": hw.dtype, "attention_backend": hw.backend,
+        "attention_backend_reason": hw.backend_reason, "git_commit": commit, "git_dirty": dirty,
+        "mfu_convention": MFU_CONVENTION,
+        "peak_flops": cfg.peak_flops if cfg.peak_flops is not None else (lookup_peak_flops(dev_name)
+                                                                         if hw.type == "cuda" else None),
+        "model_config": mc.to_dict(), "num_params": model.num_params(), "flops_per_token": model.flops_per_token(T),
+        "tokens_per_iter": cfg.batch_size * T * cfg.gradient_accumulation_steps * (2 if cfg.objective == "dpo"
+                                                                                   else 1),  # at most, with padding
+        "block_size": T, "dataset_dir": data_dir, "init_from": cfg.init_from,
+        "parallelism": "fsdp" if cfg.use_fsdp else "zero1" if cfg.use_zero1 else "ddp" if d.world_size > 1
+        else "single",
+    }
+
+
+def open_run_log(cfg, d, resolved, env, mc, start, log):
+    """Rank 0's run log: the one this run continues (a resume), else a new one; an eval_only run writes a log of its
+    own and leaves config.json to the training run, which may still be running. None on the other ranks."""
+    if not d.master:
+        return None
+    if cfg.eval_only:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            return RunLog(new_log_path(cfg.out_dir), resolved, env, warn=log)
+        except OSError as e:
+            log(f"out_dir {cfg.out_dir} is not writable ({e.strerror}); evaluating without writing a run log")
+            return None
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(finite_or_none({"config": resolved, "model_config": mc.to_dict()}), f, indent=2)
+    resumed = start.meta if start.kind == "resume" else None
+    run_path, previous = log_to_continue(cfg.out_dir, (resumed or {}).get("run_log"), warn=log)
+    return RunLog(run_path or new_log_path(cfg.out_dir), resolved, env, previous,
+                  resumed["iter_num"] if resumed else 0, warn=log)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop's state, and the phases of one iteration
+
+
+@dataclasses.dataclass
+class Job:
+    """The pieces of a run once built, which the phases below share."""
+
+    cfg: object
+    d: D.Dist
+    hw: Hardware
+    model: torch.nn.Module  # what runs forward (wrapped by DDP or FSDP, compiled)
+    owner: torch.nn.Module  # what holds the parameters
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    task: object
+    T: int
+    local_ga: int  # micro-batches per rank and step
+    env: dict
+    resolved: dict  # the config as recorded
+    runlog: RunLog | None
+    health: HealthMonitor
+    log: object
+
+    def record(self, kind, rec):
+        if self.runlog:
+            self.runlog.add(kind, rec)
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop knows of its evaluations and checkpoints; evaluating and saving update it."""
+
+    start_iter: int
+    best_val: float
+    last_ckpt: str | None  # the newest checkpoint, written or resumed from
+    last_val: float | None  # its val loss
+    best_ckpt: tuple | None  # (path, val loss) of the best checkpoint kept
+    evaluated: tuple = (None, None)  # (iteration, val loss) of the latest evaluation
+    last_losses: dict | None = None
+    total_tokens: float = 0.0  # real tokens trained on since the start of this process
+    per_rank: dict | None = None  # bytes of parameters and optimizer state of each rank, after the first step
+    status: str = "failed"  # "completed" once max_iters is reached; "preempted" when stopped on request
+
+
+@torch.no_grad()
+def evaluate(model, task, cfg, ctx, device, d):
+    """Weighted mean loss (and the task's metrics) over eval_iters fixed batches per split, dealt round-robin across
+    ranks. Every rank runs the same number of forward passes (FSDP's collectives need that); fillers weigh zero.
+    A task without val examples (SFT or DPO with val_fraction=0) reports val and its metrics as None."""
+    model.eval()
+    out = {"val": None, **{f"val_{n}": None for n in task.metric_names}}
+    per_rank = math.ceil(cfg.eval_iters / d.world_size)
+    for split in task.eval_splits:
+        acc = torch.zeros(2 + len(task.metric_names), device=device)  # weight, loss*weight, metric*weight...
+        for j in range(per_rank):
+            k = d.rank + j * d.world_size
+            b = to_device(task.eval_batch(split, k % cfg.eval_iters), device)
+            with ctx:
+                loss, metrics = task.loss(model, b)
+            w = float(task.weight(b)) if k < cfg.eval_iters else 0.0
+            acc += w * torch.stack([torch.ones((), device=device), loss.float().detach(),
+                                    *[metrics[n].float() for n in task.metric_names]])
+        acc = D.all_reduce_sum(acc).tolist()
+        out[split] = acc[1] / acc[0]
+        if split == "val":
+            out.update({f"val_{n}": v / acc[0] for n, v in zip(task.metric_names, acc[2:])})
+    model.train()
+    return out
+
+
+def run_eval(job, prog, iter_num):
+    """Evaluate, log and record; returns (losses, whether val improved on the best so far)."""
+    losses = evaluate(job.model, job.task, job.cfg, job.hw.ctx, job.hw.device, job.d)
+    extra = {k: v for k, v in losses.items() if k.startswith("val_")}
+    val = losses["val"]
+    job.log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, "
+            + (f"val loss {val:.4f}" if val is not None else "no val examples")
+            + "".join(f", {k} {v:.4f}" for k, v in extra.items() if v is not None))
+    job.record("evals", {"iter": iter_num, "train_loss": losses["train"], "val_loss": val, **extra})
+    prog.evaluated = (iter_num, val)
+    if val is None:  # nothing to judge by: every evaluation checkpoints, as always_save_checkpoint would
+        return losses, True
+    rising = job.health.check_val(iter_num, val, prog.best_val)
+    if rising:
+        job.record("health", rising)
+    improved = val < prog.best_val
+    prog.best_val = min(prog.best_val, val)
+    return losses, improved
+
+
+def save(job, prog, iter_num):
+    cfg, d = job.cfg, job.d
+    val = finite_or_none(prog.evaluated[1]) if prog.evaluated[0] == iter_num else None  # of these very weights
+    rng_cpu = D.all_gather_objects(torch.get_rng_state())
+    rng_cuda = D.all_gather_objects(torch.cuda.get_rng_state()) if job.hw.type == "cuda" else []
+    meta = {
+        "iter_num": iter_num, "val_loss": val, "best_val_loss": prog.best_val, "scaler": job.scaler.state_dict(),
+        "rng": {"torch": rng_cpu, "cuda": rng_cuda},
+        "data": {"seed": cfg.seed, "next_iter": iter_num, "batch_size": cfg.batch_size, "block_size": job.T,
+                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "world_size": d.world_size},
+        "config": job.resolved, "model_config": job.env["model_config"],
+        "run_log": job.runlog and os.path.basename(job.runlog.path),
+        "reference_key": getattr(job.task, "key", None),
+    }
+    if job.runlog:  # the log first, so that it always reaches at least as far as the newest checkpoint
+        job.runlog.flush()
+    prog.last_ckpt = save_checkpoint(state_tensors(job.owner, job.optimizer), meta, cfg.out_dir, iter_num,
+                                     cfg.keep_last_n_checkpoints)
+    prog.last_val = val
+    if val is not None and (prog.best_ckpt is None or val <= prog.best_ckpt[1]):
+        prog.best_ckpt = (prog.last_ckpt, val)
+    job.log(f"saved checkpoint {prog.last_ckpt}")
+
+
+def check_health(job, prog, iter_num, step):
+    norm = step.grad_norm
+    if job.scaler.is_enabled() and not math.isfinite(norm) and math.isfinite(step.loss):
+        job.health.flag(iter_num, "fp16_overflow", "float16 gradients overflowed; the step was skipped")
+        norm = None
+    try:
+        job.health.check(iter_num, step.loss, norm, (prog.last_ckpt, prog.last_val), prog.best_ckpt)
+    except TrainingDiverged:
+        job.record("health", {"iter": iter_num, "kind": "diverged", "loss": step.loss,
+                              "nonfinite_grads": nonfinite_grads(job.owner)})
+        raise
+
+
+def log_step(job, prog, iter_num, step, lr, dt, data_wait, say):
+    w, dev_type = job.d.world_size, job.hw.type
+    tps = step.tokens / dt
+    m = mfu(job.env["flops_per_token"], tps / w, job.env["peak_flops"])
+    mem_a = torch.cuda.memory_allocated() / 1e9 if dev_type == "cuda" else None
+    mem_r = torch.cuda.memory_reserved() / 1e9 if dev_type == "cuda" else None
+    job.record("training_iterations", {
+        "iter": iter_num, "loss": step.loss, "lr": lr, "grad_norm": step.grad_norm,
+        "dt_ms": dt * 1000, "data_wait_ms": data_wait * 1000, "tokens_per_sec": tps,
+        "tokens_per_sec_per_device": tps / w,
+        "mfu": m, "memory_allocated_gb": mem_a, "memory_reserved_gb": mem_r,
+        **post_training_record(job.cfg.objective, step.loss, lr, prog.total_tokens, step.real_tokens / dt / w,
+                               step.metrics)})
+    say(f"iter {iter_num}: loss {step.loss:.4f}, lr {lr:.3e}, grad norm {step.grad_norm:.3f}, "
+        f"{dt * 1000:.1f} ms, {tps:,.0f} tok/s" + (f" ({tps / w:,.0f}/device)" if w > 1 else "")
+        + (f", mfu {m * 100:.1f}%" if m is not None else "")
+        + (f", mem {mem_a:.2f}/{mem_r:.2f} GB" if mem_a is not None else ""))
+
+
+def train(job, prog, stop):
+    """Iterations from prog.start_iter to max_iters, evaluating and checkpointing on schedule; a stop request ends
+    the loop after a checkpoint of the current step."""
+    cfg, d, task = job.cfg, job.d, job.task
+    groups = layer_groups(job.owner)
+    # each step takes all its micro-batches at once, so the thread keeps up to two steps' worth ready
+    batches = train_batches(task, prog.start_iter, cfg.max_iters, job.local_ga, job.hw.device,
+                            first_micro=d.rank * job.local_ga, num_workers=cfg.dataloader_num_workers,
+                            use_dataloader=cfg.use_dataloader, prefetch=2 * job.local_ga)
+    bar = tqdm(total=cfg.max_iters, initial=prog.start_iter, dynamic_ncols=True,
+               disable=not (d.master and sys.stderr.isatty()))
+    say = tqdm.write if not bar.disable else job.log
+    try:
+        if prog.start_iter == 0:
+            run_eval(job, prog, 0)
+        job.model.train()
+        for it in range(prog.start_iter, cfg.max_iters):
+            t0 = time.time()
+            if d.heartbeat:
+                d.heartbeat.step = it + 1
+            lr = lr_at(it, cfg)
+            for group in job.optimizer.param_groups:
+                group["lr"] = lr
+            t_data = time.time()
+            micro = [next(batches) for _ in range(job.local_ga)]
+            data_wait = time.time() - t_data  # host time spent waiting for batches: near 0 while prefetch keeps up
+            # whether any rank was asked to stop, and whether its launcher is gone, travel in the step's one sync
+            asked = stop.signum is not None
+            step = forward_backward(job.model, job.owner, task, micro, job.hw.ctx, job.scaler, job.optimizer,
+                                    cfg.grad_clip, d.world_size, cfg.use_cuda_graphs,
+                                    flags=(asked, asked and D.launcher_gone()))
+            stops, orphans = step.flags
+            prog.total_tokens += step.real_tokens
+            iter_num = it + 1
+            check_health(job, prog, iter_num, step)
+            if cfg.gradient_log_interval and iter_num % cfg.gradient_log_interval == 0:
+                job.record("gradient_norms", {"iter": iter_num, "norms": grad_norms_by_layer(job.owner, groups)})
+            optimizer_step(job.optimizer, job.scaler)
+            if prog.per_rank is None:  # after the first step, when the optimizer state exists
+                prog.per_rank = {"param_bytes": D.all_gather_objects(D.local_bytes(job.owner.parameters())),
+                                 "optimizer_state_bytes": D.all_gather_objects(D.optimizer_state_bytes(job.optimizer))}
+                D.set_timeout(cfg.dist_timeout_minutes)  # start-up and first compilation are behind us
+            dt = time.time() - t0
+            bar.update(1)
+            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                log_step(job, prog, iter_num, step, lr, dt, data_wait, say)
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                prog.last_losses, improved = run_eval(job, prog, iter_num)
+                if improved or cfg.always_save_checkpoint:
+                    save(job, prog, iter_num)
+            if stops:
+                if prog.last_ckpt != checkpoint_path(cfg.out_dir, iter_num):
+                    save(job, prog, iter_num)
+                prog.status = "preempted"
+                job.log(f"stopping at iter {iter_num} on request (signal {stop.signum or 'on another rank'}); resume "
+                        "with --init_from=resume")
+                if orphans:  # exit non-zero, so that the launchers still alive end the job now
+                    raise D.RankFailure(f"the torchrun launcher of {orphans:.0f} rank(s) died; every rank saved "
+                                        f"checkpoint {prog.last_ckpt} and stopped; resume with --init_from=resume",
+                                        everywhere=True)
+                return
+        prog.status = "completed"
+    finally:
+        batches.close()
+        bar.close()
+
+
+def layer_groups(model):
+    """Parameter name -> the group its gradient norm is logged under (tok_emb, blocks.3, norm_f, ...)."""
+    groups = {}
+    for name, _ in model.named_parameters():
+        parts = name.replace("_checkpoint_wrapped_module.", "").split(".")
+        groups[name] = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+    return groups
+
+
+def grad_norms_by_layer(model, groups):
+    """Gradient norm of each layer group over the whole model (shards summed across ranks)."""
+    names = sorted(set(groups.values()))
+    sq = torch.zeros(len(names), device=next(model.parameters()).device)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            sq[names.index(groups[name])] += D.local(p.grad).detach().float().pow(2).sum()
+    if any(hasattr(p, "to_local") for p in model.parameters()):
+        D.all_reduce_sum(sq)  # FSDP: each rank holds a shard of every gradient
+    return dict(zip(names, sq.sqrt().tolist()))
+
+
+def nonfinite_grads(model):
+    return [n for n, p in model.named_parameters()
+            if p.grad is not None and not torch.isfinite(D.local(p.grad)).all()]
+
+
+def post_training_record(objective, loss, lr, total_tokens, per_device_tps, metrics):
+    """The extra fields SFT and DPO runs log, under the names TRL and open-instruct users look for."""
+    if objective == "sft":
+        return {"train_loss": loss, "learning_rate": lr, "total_tokens": total_tokens,
+                "per_device_tps": per_device_tps}
+    if objective == "dpo":
+        return {"learning_rate": lr, "total_tokens": total_tokens, "per_device_tps": per_device_tps, **metrics}
+    return {}
+
+
+def summarize(runlog, prog, error, wall, health):
+    iters = runlog.doc["training_iterations"]
+    steady = [r for r in iters[len(iters) // 10:] if r["iter"] > prog.start_iter] or iters
+    mean = lambda k: (sum(r[k] for r in steady) / len(steady)  # noqa: E731
+                      if steady and steady[0].get(k) is not None else None)
+    last = prog.last_losses
+    return {
+        "status": prog.status, "error": error, "final_iter": iters[-1]["iter"] if iters else prog.start_iter,
+        "best_val_loss": prog.best_val,
+        "final_train_loss": last["train"] if last else None,
+        "final_val_loss": last["val"] if last else None,
+        "wall_time_sec": wall, "mean_tokens_per_sec": mean("tokens_per_sec"),
+        "mean_tokens_per_sec_per_device": mean("tokens_per_sec_per_device"), "mean_mfu": mean("mfu"),
+        "per_rank_bytes": prog.per_rank, "health_flags": health.flags,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+
 class StopRequest:
     """Catches SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, Slurm's warning) so the loop can checkpoint,
     flush its log and exit cleanly at the end of the current step. A second SIGINT interrupts at once."""
@@ -336,9 +687,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the run
-
 def main(cfg, log=print):
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     d = D.init_distributed("cuda" if cuda else "cpu", cfg.dist_init_timeout_minutes)
@@ -362,335 +710,77 @@ def main(cfg, log=print):
 
 def run(cfg, d, log, stop=None):
     stop = stop or StopRequest()
-    device, dev_type, dtype, ctx = setup_device(cfg, d)
-    try:
-        backend, backend_reason = resolve_backend(cfg.attention_backend, dev_type, dtype)
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(str(e)) from None
-    if cfg.gradient_accumulation_steps % d.world_size:
-        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts the micro-batches "
-                          f"of the whole job and must be divisible by the world size {d.world_size}")
-    if (cfg.use_fsdp or cfg.use_zero1) and not d.enabled:
-        raise ConfigError("use_fsdp and use_zero1 shard across the ranks of a torchrun job; launch with torchrun "
-                          "(torchrun --standalone --nproc_per_node=N train.py ...), N=1 included")
-    ga = cfg.gradient_accumulation_steps
-    local_ga = ga // d.world_size
-    check_micro_steps(cfg, local_ga)
-
-    resume_path, resume_meta = None, None
-    if cfg.init_from == "resume":
-        resume_path, resume_meta = find_latest(cfg.out_dir, warn=log)
-        log(f"resuming from {resume_path} (iteration {resume_meta['iter_num']})")
-
-    start_ckpt = None
-    if resume_meta is None and cfg.init_from not in ("scratch", "resume") and os.path.isdir(cfg.init_from):
-        start_ckpt = our_checkpoint(cfg.init_from)
-    saved_meta = resume_meta or (load_meta(start_ckpt) if start_ckpt else None)
-    if cfg.objective == "pretrain":
-        data_dir, tok = resolve_dataset_dir(cfg.dataset), None
-        vocab = TokenDataset(data_dir, check_ids=False).vocab_size  # vocabulary first, so the model can size itself
-    else:
-        tok, name, path = resolve_tokenizer(cfg, saved_meta)
-        cfg = dataclasses.replace(cfg, tokenizer=name, tokenizer_path=path)  # recorded, so later tools find it
-        data_dir, vocab = None, tok.vocab_size
+    hw = setup_device(cfg, d)
+    local_ga = check_layout(cfg, d)
+    start = find_start(cfg, log)
+    data_dir, vocab, tok = text_source(cfg, start)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, vocab, backend, saved_meta).to(device)
+    model = build_model(cfg, vocab, hw.backend, start).to(hw.device)
     mc = model.config
     T = cfg.block_size if cfg.block_size is not None else mc.block_size
     if T > mc.block_size:
         raise ConfigError(f"block_size={T} exceeds the model's limit of {mc.block_size} positions")
-    check_memory(cfg, model, T, device, dtype, d)  # before the data is read and anything of the step allocated
-    task = make_task(cfg, mc, T, data_dir, tok, log)
-    if task.iters_per_epoch and cfg.num_train_epochs:
-        cfg = dataclasses.replace(cfg, max_iters=max(1, math.ceil(cfg.num_train_epochs * task.iters_per_epoch)))
-        log(f"{cfg.num_train_epochs} epochs of {task.iters_per_epoch} iterations: max_iters={cfg.max_iters}")
+    check_memory(cfg, model, T, hw.device, hw.dtype, d)  # before the data is read and anything of the step allocated
+    task = make_task(cfg, mc, T, data_dir, tok and tok.tok, log)
+    cfg = settle_config(cfg, task, tok, log)
     if cfg.objective != "pretrain":
         T = cfg.max_seq_length or T  # what one example spans, for the FLOP count
-    num_params, flops_per_token = model.num_params(), model.flops_per_token(T)
+    env = environment(cfg, d, hw, model, T, data_dir)
 
-    if start_ckpt:
-        log(f"starting from the weights of {start_ckpt}")
-    model, owner = D.parallelize(model, cfg, d, dev_type, dtype)
-    if start_ckpt:
-        D.load_model_state(start_ckpt, owner)
+    if start.kind == "checkpoint":
+        log(f"starting from the weights of {start.path}")
+    model, owner = D.parallelize(model, cfg, d, hw.type, hw.dtype)
+    if start.kind == "checkpoint":
+        load_model_state(start.path, owner)
     if isinstance(task, DPOTask):
-        task.reference(owner, model, device, ctx, dtype, saved_key=(resume_meta or {}).get("reference_key"), log=log)
-    optimizer = make_optimizer(owner, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), dev_type,
+        task.reference(owner, model, hw.device, hw.ctx, hw.dtype, log=log,
+                       saved_key=start.meta.get("reference_key") if start.kind == "resume" else None)
+    optimizer = make_optimizer(owner, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), hw.type,
                                zero1=cfg.use_zero1)
-    scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
-    start_iter, best_val = 0, float("inf")
+    scaler = torch.amp.GradScaler(hw.type, enabled=hw.dtype == "float16")
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks
-    while resume_meta is not None:  # tensors that cannot be read (no checksums caught it): an older checkpoint serves
-        try:
-            D.load_state(resume_path, owner, optimizer)
-            break
-        except DamagedCheckpoint as e:
-            log(f"warning: {e}; trying an older checkpoint")
-            resume_path, resume_meta = find_latest(cfg.out_dir, warn=log, before=resume_meta["iter_num"])
-            log(f"resuming from {resume_path} (iteration {resume_meta['iter_num']})")
-    if resume_meta is not None:
-        scaler.load_state_dict(resume_meta["scaler"])
-        start_iter, best_val = resume_meta["iter_num"], resume_meta["best_val_loss"]
-        rng = resume_meta["rng"]
-        if len(rng["torch"]) == d.world_size:
-            torch.set_rng_state(rng["torch"][d.rank])
-            if dev_type == "cuda" and rng["cuda"]:
-                torch.cuda.set_rng_state(rng["cuda"][d.rank])
-        else:  # another world size: dropout streams cannot carry over, so start fresh ones deterministically
-            torch.manual_seed(cfg.seed + 1000003 * start_iter + d.rank)
-        saved = resume_meta["data"]
-        if (saved["batch_size"], saved["block_size"], saved["gradient_accumulation_steps"]) != (cfg.batch_size, T, ga):
-            log(f"warning: the checkpoint was trained with batch_size={saved['batch_size']}, block_size="
-                f"{saved['block_size']}, gradient_accumulation_steps={saved['gradient_accumulation_steps']}; "
-                "the data from here on differs from what the original run would have seen")
+    start, start_iter, best_val = restore(start, cfg, d, hw, owner, optimizer, scaler, T, log)
 
-    tokens_per_iter = cfg.batch_size * T * ga * (2 if cfg.objective == "dpo" else 1)  # at most, with padding
-    dev_name = device_name(device)
-    peak = cfg.peak_flops if cfg.peak_flops is not None else (lookup_peak_flops(dev_name) if dev_type == "cuda"
-                                                              else None)
     resolved = config_dict(cfg)
-    commit, dirty = git_state() if d.master else (None, None)
-    env = {
-        "torch_version": torch.__version__, "python_version": platform.python_version(), "device": device,
-        "device_name": dev_name, "world_size": d.world_size, "dtype": dtype, "attention_backend": backend,
-        "attention_backend_reason": backend_reason, "git_commit": commit, "git_dirty": dirty,
-        "mfu_convention": MFU_CONVENTION, "peak_flops": peak, "model_config": mc.to_dict(),
-        "num_params": num_params, "flops_per_token": flops_per_token, "tokens_per_iter": tokens_per_iter,
-        "block_size": T, "dataset_dir": data_dir, "init_from": cfg.init_from,
-        "parallelism": "fsdp" if cfg.use_fsdp else "zero1" if cfg.use_zero1 else "ddp" if d.world_size > 1
-        else "single",
-    }
     log("config: " + ", ".join(f"{k}={v!r}" for k, v in resolved.items()))
-    log(f"model: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token at T={T}; attention "
-        f"{backend}" + (f" ({backend_reason})" if backend_reason else ""))
-    log(f"{tokens_per_iter:,} tokens per iteration on {d.world_size} x {dev_name} in {dtype} ({env['parallelism']})")
-
-    runlog = None
-    if d.master and cfg.eval_only:  # a log of its own; config.json stays the training run's, which may be running
-        try:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            runlog = RunLog(new_log_path(cfg.out_dir), resolved, env, warn=log)
-        except OSError as e:
-            log(f"out_dir {cfg.out_dir} is not writable ({e.strerror}); evaluating without writing a run log")
-    elif d.master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(finite_or_none({"config": resolved, "model_config": mc.to_dict()}), f, indent=2)
-        run_path, previous = log_to_continue(cfg.out_dir, (resume_meta or {}).get("run_log"), warn=log)
-        runlog = RunLog(run_path or new_log_path(cfg.out_dir), resolved, env, previous, start_iter, warn=log)
-    record = runlog.add if runlog else (lambda *a: None)
+    log(f"model: {env['num_params'] / 1e6:.2f}M parameters, {env['flops_per_token'] / 1e6:.1f} MFLOP/token at T={T}; "
+        f"attention {hw.backend}" + (f" ({hw.backend_reason})" if hw.backend_reason else ""))
+    if tok:
+        log(f"tokenizer: {tok.name} ({tok.source})")
+    log(f"{env['tokens_per_iter']:,} tokens per iteration on {d.world_size} x {env['device_name']} in {hw.dtype} "
+        f"({env['parallelism']})")
+    runlog = open_run_log(cfg, d, resolved, env, mc, start, log)
     first = runlog.doc["training_iterations"][:1] if runlog else []
     health = HealthMonitor(warn=log, start_iter=start_iter, first_loss=first[0]["loss"] if first else None)
-    last_ckpt, last_val = resume_path, (resume_meta or {}).get("val_loss")
-    best_ckpt = best_checkpoint(cfg.out_dir, upto=start_iter) if resume_meta else None  # (path, val loss)
-    evaluated = (None, None)  # (iteration, val loss) of the latest evaluation
-
-    def checkpoint(iter_num):
-        nonlocal last_ckpt, last_val, best_ckpt
-        val = finite_or_none(evaluated[1]) if evaluated[0] == iter_num else None  # of these very weights
-        rng_cpu = D.all_gather_objects(torch.get_rng_state())
-        rng_cuda = D.all_gather_objects(torch.cuda.get_rng_state()) if dev_type == "cuda" else []
-        meta = {
-            "iter_num": iter_num, "val_loss": val, "best_val_loss": best_val, "scaler": scaler.state_dict(),
-            "rng": {"torch": rng_cpu, "cuda": rng_cuda},
-            "data": {"seed": cfg.seed, "next_iter": iter_num, "batch_size": cfg.batch_size, "block_size": T,
-                     "gradient_accumulation_steps": ga, "world_size": d.world_size},
-            "config": resolved, "model_config": mc.to_dict(), "run_log": runlog and os.path.basename(runlog.path),
-            "reference_key": getattr(task, "key", None),
-        }
-        if runlog:  # the log first, so that it always reaches at least as far as the newest checkpoint
-            runlog.flush()
-        last_ckpt = save_checkpoint(D.state_tensors(owner, optimizer), meta, cfg.out_dir, iter_num,
-                                    cfg.keep_last_n_checkpoints)
-        last_val = val
-        if val is not None and (best_ckpt is None or val <= best_ckpt[1]):
-            best_ckpt = (last_ckpt, val)
-        log(f"saved checkpoint {last_ckpt}")
-
-    def run_eval(iter_num):
-        nonlocal best_val, evaluated
-        losses = evaluate(model, task, cfg, ctx, device, d)
-        extra = {k: finite_or_none(v) for k, v in losses.items() if k.startswith("val_")}
-        val = losses["val"]
-        log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, "
-            + (f"val loss {val:.4f}" if val is not None else "no val examples")
-            + "".join(f", {k} {v:.4f}" for k, v in extra.items() if v is not None))
-        record("evals", {"iter": iter_num, "train_loss": losses["train"], "val_loss": val, **extra})
-        evaluated = (iter_num, val)
-        if val is None:  # nothing to judge by: every evaluation checkpoints, as always_save_checkpoint would
-            return losses, True
-        rising = health.check_val(iter_num, val, best_val)
-        if rising:
-            record("health", rising)
-        improved = val < best_val
-        best_val = min(best_val, val)
-        return losses, improved
+    job = Job(cfg, d, hw, model, owner, optimizer, scaler, task, T, local_ga, env, resolved, runlog, health, log)
+    prog = Progress(start_iter, best_val, last_ckpt=start.path if start.kind == "resume" else None,
+                    last_val=start.meta.get("val_loss") if start.kind == "resume" else None,
+                    best_ckpt=best_checkpoint(cfg.out_dir, upto=start_iter) if start.kind == "resume" else None)
 
     if cfg.eval_only:
-        losses, _ = run_eval(start_iter)
+        losses, _ = run_eval(job, prog, start_iter)
         if runlog:
             runlog.finish({"status": "eval_only", "iter": start_iter, "train_loss": losses["train"],
                            "val_loss": losses["val"]})
         return {"train_loss": losses["train"], "val_loss": losses["val"], "run_log": runlog and runlog.path}
 
-    groups = layer_groups(owner)
-    # each step takes all its micro-batches at once, so the thread keeps up to two steps' worth ready
-    batches = train_batches(task, start_iter, cfg.max_iters, local_ga, device, first_micro=d.rank * local_ga,
-                            num_workers=cfg.dataloader_num_workers, use_dataloader=cfg.use_dataloader,
-                            prefetch=2 * local_ga)
-    total_tokens = 0
-    t_start = time.time()
-    status, error, last_losses, per_rank = "failed", None, None, None  # "completed" only once max_iters is reached
-    bar = tqdm(total=cfg.max_iters, initial=start_iter, dynamic_ncols=True,
-               disable=not (d.master and sys.stderr.isatty()))
-    say = tqdm.write if not bar.disable else log
+    t_start, error = time.time(), None
     try:
-        if start_iter == 0:
-            run_eval(0)
-        model.train()
-        for it in range(start_iter, cfg.max_iters):
-            t0 = time.time()
-            if d.heartbeat:
-                d.heartbeat.step = it + 1
-            lr = lr_at(it, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t_data = time.time()
-            micro = [next(batches) for _ in range(local_ga)]
-            data_wait = time.time() - t_data  # host time spent waiting for batches: near 0 while prefetch keeps up
-            # each micro-batch counts by its weight (tokens or pairs) in the mean over the whole iteration, every
-            # rank included; varying weights are summed on the device, so this costs no host sync
-            weights = [task.weight(b) for b in micro]
-            if task.static_weights:
-                total_w = sum(weights) * d.world_size
-            else:
-                total_w = D.all_reduce_sum(torch.stack([torch.as_tensor(w, device=device) for w in weights])
-                                           .sum().float())
-            acc = torch.zeros(1 + len(task.metric_names), device=device)  # loss, metrics: weighted sums
-            real = torch.zeros((), device=device)
-            for m, b in enumerate(micro):
-                if cfg.use_cuda_graphs:  # the last replay's outputs have been consumed: its buffers may be reused
-                    torch.compiler.cudagraph_mark_step_begin()
-                share = weights[m] / total_w
-                with D.grad_sync(model, m == local_ga - 1):
-                    with ctx:
-                        loss, metrics = task.loss(model, b)
-                    acc += share * torch.stack([loss.detach().float(),
-                                                *[metrics[n].detach().float() for n in task.metric_names]])
-                    scaler.scale(loss * (share * d.world_size)).backward()  # DDP and FSDP average over ranks
-                real += task.tokens(b)
-            tokens = sum(v.numel() for b in micro for k, v in b.items() if k.endswith("input_ids") or
-                         k.endswith("_ids"))  # processed, padding included: what the FLOPs are spent on
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(owner.parameters(), cfg.grad_clip or float("inf"))
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            # the mean over every micro-batch of every rank, the norm, and whether any rank was asked to stop, in
-            # one sync per step
-            flags = torch.tensor([stop.signum is not None, stop.signum is not None and D.launcher_gone(), tokens],
-                                 dtype=torch.float32, device=device)
-            loss_val, *metric_vals, norm_val, stops, orphans, tokens, real = D.all_reduce_sum(
-                torch.cat([acc, (norm.float() / d.world_size).view(1), flags, real.float().view(1)])).tolist()
-            total_tokens += real
-            iter_num = it + 1
-            if scaler.is_enabled() and not math.isfinite(norm_val) and math.isfinite(loss_val):
-                health.flag(iter_num, "fp16_overflow", "float16 gradients overflowed; the step was skipped")
-                norm_for_health = None
-            else:
-                norm_for_health = norm_val
-            try:
-                health.check(iter_num, loss_val, norm_for_health, (last_ckpt, last_val), best_ckpt)
-            except TrainingDiverged:
-                record("health", {"iter": iter_num, "kind": "diverged", "loss": loss_val,
-                                  "nonfinite_grads": nonfinite_grads(owner)})
-                raise
-            if cfg.gradient_log_interval and iter_num % cfg.gradient_log_interval == 0:
-                norms = grad_norms_by_layer(owner, groups)
-                record("gradient_norms", {"iter": iter_num, "norms": norms})
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if per_rank is None:  # after the first step, when the optimizer state exists
-                per_rank = {"param_bytes": D.all_gather_objects(D.local_bytes(owner.parameters())),
-                            "optimizer_state_bytes": D.all_gather_objects(D.optimizer_state_bytes(optimizer))}
-                D.set_timeout(cfg.dist_timeout_minutes)  # start-up and first compilation are behind us
-            dt = time.time() - t0
-            bar.update(1)
-            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                tps = tokens / dt
-                m = mfu(flops_per_token, tps / d.world_size, peak)
-                mem_a = torch.cuda.memory_allocated() / 1e9 if dev_type == "cuda" else None
-                mem_r = torch.cuda.memory_reserved() / 1e9 if dev_type == "cuda" else None
-                record("training_iterations", {
-                    "iter": iter_num, "loss": loss_val, "lr": lr, "grad_norm": norm_val,
-                    "dt_ms": dt * 1000, "data_wait_ms": data_wait * 1000, "tokens_per_sec": tps,
-                    "tokens_per_sec_per_device": tps / d.world_size,
-                    "mfu": m, "memory_allocated_gb": mem_a, "memory_reserved_gb": mem_r,
-                    **post_training_record(cfg.objective, loss_val, lr, total_tokens, real / dt / d.world_size,
-                                           dict(zip(task.metric_names, metric_vals)))})
-                say(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.3e}, grad norm {norm_val:.3f}, "
-                    f"{dt * 1000:.1f} ms, {tps:,.0f} tok/s" + (f" ({tps / d.world_size:,.0f}/device)"
-                                                              if d.world_size > 1 else "")
-                    + (f", mfu {m * 100:.1f}%" if m is not None else "")
-                    + (f", mem {mem_a:.2f}/{mem_r:.2f} GB" if mem_a is not None else ""))
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                last_losses, improved = run_eval(iter_num)
-                if improved or cfg.always_save_checkpoint:
-                    checkpoint(iter_num)
-            if stops:
-                if last_ckpt != checkpoint_path(cfg.out_dir, iter_num):
-                    checkpoint(iter_num)
-                status = "preempted"
-                log(f"stopping at iter {iter_num} on request (signal {stop.signum or 'on another rank'}); resume "
-                    "with --init_from=resume")
-                if orphans:  # exit non-zero, so that the launchers still alive end the job now
-                    raise D.RankFailure(f"the torchrun launcher of {orphans:.0f} rank(s) died; every rank saved "
-                                        f"checkpoint {last_ckpt} and stopped; resume with --init_from=resume",
-                                        everywhere=True)
-                break
-        else:  # no stop request: max_iters reached
-            status = "completed"
+        train(job, prog, stop)
     except BaseException as e:  # a second Ctrl-C, a lost rank, a full disk: the log says what ended the run
         failure = D.explain(e, d) if isinstance(e, Exception) else None
         error = {"type": type(failure or e).__name__, "message": str(failure or e)}
         if isinstance(e, TrainingDiverged):
-            status = "diverged"
+            prog.status = "diverged"
             log(f"error: {e}")
         if failure:
             raise failure from e
         raise
     finally:
-        batches.close()
-        bar.close()
         if runlog:
-            runlog.finish(summarize(runlog, status, error, start_iter, best_val, last_losses, time.time() - t_start,
-                                    health, per_rank))
-    return {"best_val_loss": best_val, "final": last_losses, "run_log": runlog and runlog.path,
-            "checkpoint": last_ckpt, "per_rank": per_rank}
-
-
-def post_training_record(objective, loss, lr, total_tokens, per_device_tps, metrics):
-    """The extra fields SFT and DPO runs log, under the names TRL and open-instruct users look for."""
-    if objective == "sft":
-        return {"train_loss": loss, "learning_rate": lr, "total_tokens": total_tokens,
-                "per_device_tps": per_device_tps}
-    if objective == "dpo":
-        return {"learning_rate": lr, "total_tokens": total_tokens, "per_device_tps": per_device_tps, **metrics}
-    return {}
-
-
-def summarize(runlog, status, error, start_iter, best_val, last_losses, wall, health, per_rank):
-    iters = runlog.doc["training_iterations"]
-    steady = [r for r in iters[len(iters) // 10:] if r["iter"] > start_iter] or iters
-    mean = lambda k: (sum(r[k] for r in steady) / len(steady)  # noqa: E731
-                      if steady and steady[0].get(k) is not None else None)
-    return {
-        "status": status, "error": error, "final_iter": iters[-1]["iter"] if iters else start_iter,
-        "best_val_loss": best_val,
-        "final_train_loss": last_losses["train"] if last_losses else None,
-        "final_val_loss": last_losses["val"] if last_losses else None,
-        "wall_time_sec": wall, "mean_tokens_per_sec": mean("tokens_per_sec"),
-        "mean_tokens_per_sec_per_device": mean("tokens_per_sec_per_device"), "mean_mfu": mean("mfu"),
-        "per_rank_bytes": per_rank, "health_flags": health.flags,
-    }
+            runlog.finish(summarize(runlog, prog, error, time.time() - t_start, health))
+    return {"best_val_loss": prog.best_val, "final": prog.last_losses, "run_log": runlog and runlog.path,
+            "checkpoint": prog.last_ckpt, "per_rank": prog.per_rank}
 
 
 @record_errors
@@ -712,6 +802,7 @@ def cli(argv=None):
               file=sys.stderr)
         return 130
     return 0
+
 
 
 if __name__ == "__main__":

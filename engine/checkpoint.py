@@ -13,6 +13,8 @@ It is written under a temporary name and renamed when complete, so a kill at any
 checkpoints intact and nothing half-written under a checkpoint's name. Reading never runs code: meta.pt goes
 through torch.load(weights_only=True), tensors are raw bytes, and DCP's pickled index is read by an unpickler that
 admits only the classes DCP's index is made of. Checkpoints written before checksums existed load unverified.
+state_tensors() takes a rank's tensors from the model and optimizer whatever wraps them (DDP, ZeRO-1, FSDP);
+load_state() and load_model_state() put them back.
 """
 import dataclasses
 import enum
@@ -29,11 +31,19 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from engine.distributed import all_gather_objects, barrier, rank, world_size
 
 PATTERN = re.compile(r"ckpt_(\d+)$")
 META = "meta.pt"
@@ -227,24 +237,6 @@ def list_checkpoints(out_dir):
     return [p for _, p in sorted(found)]
 
 
-def _rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _gather(x):
-    """engine.distributed.all_gather_objects; engine.distributed imports this module, so it cannot be imported here."""
-    if not dist.is_initialized():
-        return [x]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, x)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # save
 
@@ -257,16 +249,16 @@ def save_checkpoint(tensors, meta, out_dir, iteration, keep_last_n=0):
     tmp = final + ".tmp"
     writer = None
     try:
-        if _rank() == 0:
+        if rank() == 0:
             os.makedirs(out_dir, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        _barrier()
+        barrier()
         writer = _Writer(tmp)
         with _torch_crc_off():
             _quiet(dcp.save, tensors, storage_writer=writer)
-        sums = {k: v for part in _gather(writer.fs.sums) for k, v in part.items()}
-        if _rank() == 0:
+        sums = {k: v for part in all_gather_objects(writer.fs.sums) for k, v in part.items()}
+        if rank() == 0:
             buf = io.BytesIO()
             torch.save({**meta, "checksums": "crc32"}, buf)
             _write(os.path.join(tmp, META), buf.getvalue())
@@ -278,16 +270,16 @@ def save_checkpoint(tensors, meta, out_dir, iteration, keep_last_n=0):
             os.replace(tmp, final)
             fsync_dir(out_dir)
     except BaseException as e:
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         why = _storage_failure(e, writer)
         if why is None:
             raise
         raise CheckpointError(f"could not write checkpoint {final} ({why}); the earlier checkpoints in {out_dir} are "
                               "intact; free disk space (or point --out_dir elsewhere) and resume") from e
-    if _rank() == 0 and keep_last_n > 0:
+    if rank() == 0 and keep_last_n > 0:
         _prune(out_dir, iteration, keep_last_n)
-    _barrier()
+    barrier()
     return final
 
 
@@ -416,14 +408,83 @@ def find_latest(out_dir, warn=print, before=None):
         raise CheckpointError(f"init_from=resume but {out_dir} holds no ckpt_<iter> checkpoint"
                               + (f" older than iteration {before}" if before is not None else "")
                               + "; start with --init_from=scratch or point --out_dir at the run to resume")
-    part, parts = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    part, parts = rank(), world_size()
     for path in reversed(paths):
         try:
             meta, problem = load_meta(path, part, parts), None
         except CheckpointError as e:
             problem = str(e)
-        problems = [p for p in _gather(problem) if p]
+        problems = [p for p in all_gather_objects(problem) if p]
         if not problems:
             return path, meta
         warn(f"warning: {problems[0]}; trying an older checkpoint")
     raise CheckpointError(f"no checkpoint in {out_dir} could be read: {', '.join(paths)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model's and optimizer's state, keyed by parameter name whatever the wrapping
+
+def _name(n):
+    return n.replace("_checkpoint_wrapped_module.", "")
+
+
+def state_tensors(owner, optimizer):
+    """{"model": {name: tensor}, "optim": {name: {exp_avg, exp_avg_sq, step}}} of this rank (shards under FSDP,
+    the owned partition under ZeRO-1)."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        names = {p: _name(n) for n, p in owner.named_parameters()}
+        optim = {names[p]: s for p, s in optimizer.optim.state.items()}
+        return {"model": get_model_state_dict(owner), "optim": optim}
+    msd, osd = get_state_dict(owner, optimizer)
+    return {"model": msd, "optim": osd["state"]}
+
+
+def init_optimizer_state(optimizer):
+    """Create AdamW's state tensors with a step at learning rate zero, so a checkpoint can be loaded into them."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def check_model_keys(path, model_state):
+    """A checkpoint of another architecture fails here, naming the keys and shapes that differ."""
+    stored = stored_shapes(path)
+    want = {k: tuple(v.shape) for k, v in model_state.items()}
+    missing = sorted(set(want) - set(stored))
+    extra = sorted(set(stored) - set(want))
+    shapes = sorted(f"{k}: checkpoint {stored[k][0]} vs model {want[k]}" for k in set(want) & set(stored)
+                    if stored[k][0] != want[k])
+    if missing or extra or shapes:
+        parts = [f"{label} {items[:8]}{' ...' if len(items) > 8 else ''}" for label, items in
+                 (("missing from the checkpoint:", missing), ("not in the model:", extra),
+                  ("shape mismatches:", shapes)) if items]
+        raise CheckpointError(f"checkpoint {path} does not fit this model's architecture; " + "; ".join(parts))
+
+
+def load_model_state(path, owner):
+    """Weights only (fine-tuning from a checkpoint): the optimizer starts fresh."""
+    target = {"model": get_model_state_dict(owner)}
+    check_model_keys(path, target["model"])
+    load_tensors(path, target)
+    set_model_state_dict(owner, target["model"])
+
+
+def load_state(path, owner, optimizer):
+    init_optimizer_state(optimizer)
+    target = state_tensors(owner, optimizer)
+    check_model_keys(path, target["model"])
+    load_tensors(path, target)
+    if isinstance(optimizer, ZeroRedundancyOptimizer):  # the optimizer's own tensors were filled in place
+        set_model_state_dict(owner, target["model"])
+        return
+    _, osd = get_state_dict(owner, optimizer)
+    set_state_dict(owner, optimizer, model_state_dict=target["model"],
+                   optim_state_dict={"state": target["optim"], "param_groups": osd["param_groups"]})

@@ -1,4 +1,5 @@
-"""Running under torchrun: process groups, wrapping the model (DDP / ZeRO-1 / FSDP2), and its checkpoint state.
+"""Running under torchrun: process groups, collectives that also work in one plain process, and wrapping the model
+(DDP / ZeRO-1 / FSDP2).
 
 The model itself never changes. parallelize() applies, in torchtitan's order, activation checkpointing, then
 torch.compile, then sharding (FSDP2 fully_shard on each block and the root) or replication (DDP). ZeRO-1 is DDP's
@@ -17,16 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-from engine.checkpoint import CheckpointError, load_tensors, stored_shapes
 
 
 @dataclass
@@ -66,6 +59,14 @@ def set_timeout(minutes):
     """From now on a collective that waits longer than this for another rank fails (and names it, see explain)."""
     if dist.is_initialized():
         dist.distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=minutes))
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier():
@@ -273,72 +274,3 @@ def local_bytes(tensors):
 def optimizer_state_bytes(optimizer):
     opt = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
     return local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoint state, keyed by parameter name whatever the wrapping
-
-def _name(n):
-    return n.replace("_checkpoint_wrapped_module.", "")
-
-
-def state_tensors(owner, optimizer):
-    """{"model": {name: tensor}, "optim": {name: {exp_avg, exp_avg_sq, step}}} of this rank (shards under FSDP,
-    the owned partition under ZeRO-1)."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        names = {p: _name(n) for n, p in owner.named_parameters()}
-        optim = {names[p]: s for p, s in optimizer.optim.state.items()}
-        return {"model": get_model_state_dict(owner), "optim": optim}
-    msd, osd = get_state_dict(owner, optimizer)
-    return {"model": msd, "optim": osd["state"]}
-
-
-def init_optimizer_state(optimizer):
-    """Create AdamW's state tensors with a step at learning rate zero, so a checkpoint can be loaded into them."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-
-
-def check_model_keys(path, model_state):
-    """A checkpoint of another architecture fails here, naming the keys and shapes that differ."""
-    stored = stored_shapes(path)
-    want = {k: tuple(v.shape) for k, v in model_state.items()}
-    missing = sorted(set(want) - set(stored))
-    extra = sorted(set(stored) - set(want))
-    shapes = sorted(f"{k}: checkpoint {stored[k][0]} vs model {want[k]}" for k in set(want) & set(stored)
-                    if stored[k][0] != want[k])
-    if missing or extra or shapes:
-        parts = [f"{label} {items[:8]}{' ...' if len(items) > 8 else ''}" for label, items in
-                 (("missing from the checkpoint:", missing), ("not in the model:", extra),
-                  ("shape mismatches:", shapes)) if items]
-        raise CheckpointError(f"checkpoint {path} does not fit this model's architecture; " + "; ".join(parts))
-
-
-def load_model_state(path, owner):
-    """Weights only (fine-tuning from a checkpoint): the optimizer starts fresh."""
-    target = {"model": get_model_state_dict(owner)}
-    check_model_keys(path, target["model"])
-    load_tensors(path, target)
-    set_model_state_dict(owner, target["model"])
-
-
-def load_state(path, owner, optimizer):
-    init_optimizer_state(optimizer)
-    target = state_tensors(owner, optimizer)
-    check_model_keys(path, target["model"])
-    load_tensors(path, target)
-    if isinstance(optimizer, ZeroRedundancyOptimizer):  # the optimizer's own tensors were filled in place
-        set_model_state_dict(owner, target["model"])
-        return
-    _, osd = get_state_dict(owner, optimizer)
-    set_state_dict(owner, optimizer, model_state_dict=target["model"],
-                   optim_state_dict={"state": target["optim"], "param_groups": osd["param_groups"]})

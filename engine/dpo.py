@@ -1,6 +1,6 @@
 """DPO: completion log-probs, the loss, and a file cache of the frozen reference model's log-probs.
 
-    items, dropped = tokenize_pairs(tok, load_dpo(source), max_len)             # engine/chat_data.py
+    items, dropped = tokenize_pairs(tok, load_dpo(source), max_len)             # engine/data/chat_data.py
     key = reference_key(items, ref_model, tok, max_len, dtype=dtype)
     ref = ReferenceCache(cache_dir, key).load_or_compute(
         lambda: compute_reference(ref_model, items, batch_size, device, ctx), device)
@@ -11,13 +11,14 @@
     ref_c = reduce_logps(ref["chosen_logps"][idx], ref["chosen_tokens"][idx], loss_type)    # ref_r alike
     loss, metrics = dpo_loss(*pi.chunk(2), ref_c, ref_r, beta, loss_type, label_smoothing)
 
-Labels follow engine/chat_data.py's convention: labels[:, t] is the target of logits[:, t] (no shift here), -100
+Labels follow engine/data/chat_data.py's convention: labels[:, t] is the target of logits[:, t] (no shift here), -100
 where nothing is learned (the prompt, padding).
 
 Losses, with Δ = (π_c − ref_c) − (π_r − ref_r) the difference of the policy's and the reference's log-ratios of
 chosen over rejected:
   sigmoid   −log σ(βΔ) on summed completion log-probs (Rafailov et al. 2023). With label smoothing ε, the
-            conservative form −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ) (cDPO, as TRL writes it).
+            conservative form −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ) (cDPO, as open-instruct writes it, and TRL's
+            "sigmoid" up to 0.28; from TRL 0.29 its "sigmoid" ignores label_smoothing).
   dpo_norm  the same on per-token average log-probs, policy and reference alike (open-instruct's Tulu 3 recipe),
             which removes the pull towards longer completions that summed log-probs give.
 
@@ -38,7 +39,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engine.chat_data import IGNORE, chat_format, collate_pairs
+from engine import distributed as D
+from engine.data.chat import chat_format
+from engine.data.chat_data import IGNORE, collate_pairs
 
 LOSS_TYPES = ("sigmoid", "dpo_norm")
 COLUMNS = ("chosen_logps", "chosen_tokens", "rejected_logps", "rejected_tokens")
@@ -90,16 +93,12 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid", label_smoothin
 # the reference model's log-probs, computed once
 
 
-def _dist():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
 @torch.no_grad()
 def compute_reference(model, items, batch_size, device, ctx=None):
     """The frozen model's log-probs of every pair: {chosen_logps, rejected_logps} (N,) float32 sums and
     {chosen_tokens, rejected_tokens} (N,) int64 counts, on the CPU. Under torch.distributed every rank runs pairs
     rank, rank + world, ... and all ranks end with the whole table. ctx: the forward's autocast context, if any."""
-    rank, world = _dist()
+    rank, world = D.rank(), D.world_size()
     mine = range(rank, len(items), world)
     share = -(-len(items) // world)  # all_gather needs equal sizes: every share padded to the largest
     part = torch.zeros(share, 4, dtype=torch.float64, device=device)
@@ -221,11 +220,11 @@ class ReferenceCache:
             log(f"reference cache: {e}; computing it again")
             tensors = None
         have = torch.tensor(int(tensors is not None), device=device)
-        if _dist()[1] > 1:
+        if D.world_size() > 1:
             dist.all_reduce(have, op=dist.ReduceOp.MIN)
         if have.item():
             return tensors
         tensors = compute()
-        if _dist()[0] == 0:
+        if D.rank() == 0:
             self.save(tensors)
         return tensors

@@ -7,8 +7,6 @@ whenever the cache fills (so refills stay rare); from there on the two may diffe
 """
 import torch
 
-from engine.chat_data import chat_format, chat_ids
-
 
 class LayerCache:
     """One layer's keys and values, (B, max_len, KV, hs), allocated at the first update in that call's dtype."""
@@ -99,31 +97,3 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         if done.all():
             break
     return idx
-
-
-def chat_prompt(tok, user_text):
-    """Prompt ids for a one-turn chat (the user's message, then the header of the assistant's reply) and the ids
-    that end the reply, in the tokenizer's chat format.
-
-    The conversation is rendered as SFT renders it (engine/chat_data.chat_ids); only the opening of the
-    assistant's turn is written here.
-    """
-    msgs = [{"role": "user", "content": user_text}]
-    fmt = chat_format(tok)  # the format SFT trained in (engine/chat_data.py)
-    if fmt == "template":  # a transformers tokenizer (hf:<dir>) renders its own template
-        ids = tok.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(ids["input_ids"]), {tok.eot_id} - {None}
-    ids, _ = chat_ids(tok, msgs)
-    sp = tok.special_tokens
-    if fmt == "llama3":
-        ids += [sp["<|start_header_id|>"], *tok.encode("assistant"), sp["<|end_header_id|>"], *tok.encode("\n\n")]
-        end = sp["<|eot_id|>"]
-    elif fmt == "chatml":
-        ids += [sp["<|im_start|>"], *tok.encode("assistant\n")]
-        end = sp["<|im_end|>"]
-    elif fmt == "llama2":  # the reply follows [/INST] directly
-        end = tok.eot_id
-    else:  # tulu
-        ids += tok.encode("<|assistant|>\n")
-        end = tok.eot_id
-    return ids, {end} - {None}

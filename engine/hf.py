@@ -16,8 +16,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig
-
 ARCHS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "qwen3": "Qwen3ForCausalLM"}
 CONFIGS = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
@@ -234,8 +232,9 @@ def read_weights(path):
     return tensors
 
 
-def load_hf(cls, path, dtype=torch.float32, **overrides):
-    """Build `cls` (GPT) from a local transformers checkpoint directory; overrides go to its ModelConfig.
+def load_hf(cls, config_cls, path, dtype=torch.float32, **overrides):
+    """Build `cls` (GPT) from a local transformers checkpoint directory; overrides go to its `config_cls`
+    (ModelConfig). Both come from the caller, model.py, which imports this module.
 
     Parameters come out in `dtype` whatever the checkpoint stores; the RoPE tables stay float32.
     """
@@ -243,7 +242,7 @@ def load_hf(cls, path, dtype=torch.float32, **overrides):
     hf = read_config(path)
     kind = hf["model_type"]
     settings = gpt2_settings(hf) if kind == "gpt2" else llama_settings(hf)
-    cfg = ModelConfig.from_dict({**settings, **overrides})
+    cfg = config_cls.from_dict({**settings, **overrides})
     prefix = PREFIX[kind]
     tensors = {k if k.startswith(prefix) or k == "lm_head.weight" else prefix + k: v
                for k, v in read_weights(path).items()}

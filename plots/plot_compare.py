@@ -7,11 +7,9 @@ Tokens put runs with different batch sizes on one axis. Works on logs that are s
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from plots.common import empty, model_desc, plt, save, series, tokens_axis  # noqa: E402
-from tools.analyze_run import load_run, tokens_per_iter  # noqa: E402
+from plots.common import empty, model_desc, plt, save, series, tokens_axis
+from tools.analyze_run import load_run, tokens_per_iter
 
 
 def plot_compare(runs, labels, out):

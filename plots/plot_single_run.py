@@ -9,11 +9,9 @@ Works on a log that is still being written.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from plots.common import empty, human, model_desc, plt, run_title, save, series, tokens_axis  # noqa: E402
-from tools.analyze_run import health_flags, load_run, tokens_per_iter  # noqa: E402
+from plots.common import empty, human, model_desc, plt, run_title, save, series, tokens_axis
+from tools.analyze_run import health_flags, load_run, tokens_per_iter
 
 
 def loss_panel(ax, run, scale, xlabel):

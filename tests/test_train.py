@@ -11,9 +11,9 @@ import train
 from engine import distributed as D
 from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.config import ConfigError, parse_args
-from engine.data import BatchSampler, DataError, TokenDataset
+from engine.data.bins import BatchSampler, DataError, TokenDataset
 from engine.health import TrainingDiverged
-from engine.tasks import PretrainTask
+from engine.objectives import PretrainTask
 from model import GPT, ModelConfig
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",

@@ -1,16 +1,18 @@
-"""Sequence-length statistics of a dataset, in tokens, to choose block_size / max_length before training.
+"""Sequence-length statistics of a dataset, in tokens, to choose block_size / max_seq_length before training.
 
     python tools/analyze_dataset.py data/slimpajama_6b_llama3              # pretraining bins: document lengths
-    python tools/analyze_dataset.py sft.jsonl --tokenizer=qwen3            # SFT conversations, chat-formatted
+    python tools/analyze_dataset.py sft.jsonl --tokenizer=qwen3            # SFT conversations
     python tools/analyze_dataset.py dpo.jsonl --tokenizer=llama3           # DPO pairs: chosen, rejected, longer
 
 Prints a table (median, p95, p99, max, the share that fits each --max_lengths, a recommended max_length: the
 smallest power of two, at least 64, that holds --coverage of the sequences) and writes it as JSON (--out).
-Pretraining bins are split into documents at the eot id from their meta.json. SFT and DPO records are rendered with
-the tokenizer's chat format (Tokenizer.encode_chat), the same ids SFT trains on. Record shapes understood:
-{"messages": [{"role", "content"}]}, {"conversations": [{"from", "value"}]}, {"prompt", "response"|"completion"|
-"output"|"answer"}, {"instruction", "input", "output"}, {"text"}; DPO: {"prompt"?, "chosen", "rejected"}, each a
-string or a message list (a chosen list that already holds the prompt is taken whole).
+Pretraining bins are split into documents at the eot id from their meta.json. SFT and DPO sources (any that
+training reads: .jsonl/.json/.parquet files, folders, globs, hub:NAME) go through the very functions training uses
+(engine/data/chat_data.py): the same record formats and errors, the same chat format, the same label convention.
+So a length is what the example takes of max_seq_length: its input_ids, the rendered conversation less its last
+token (labels are the next tokens), and an example fits max_seq_length=L untruncated exactly when its length <= L.
+Examples that training leaves out (nothing to learn; DPO pairs whose chosen equals rejected) are left out here too.
+The tokenizer is --tokenizer (a name, hf:<dir>, or a prepared dataset whose tokenizer it is).
 """
 import argparse
 import json
@@ -22,79 +24,42 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.tokenizers import get_tokenizer  # noqa: E402
-
-ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-CONVERSATION_KEYS = {"messages", "conversations", "prompt", "instruction"}
-
-
-def to_messages(x, where):
-    """A conversation as [{"role", "content"}] from the record shapes the module docstring lists."""
-    if isinstance(x, str):
-        return [{"role": "assistant", "content": x}]
-    if isinstance(x, list):
-        return [{"role": ROLES.get(m.get("role", m.get("from")), m.get("role", m.get("from"))),
-                 "content": m.get("content", m.get("value", ""))} for m in x]
-    if "messages" in x or "conversations" in x:
-        return to_messages(x.get("messages", x.get("conversations")), where)
-    answer = next((x[k] for k in ("response", "completion", "output", "answer") if k in x), None)
-    prompt = x.get("prompt", x.get("instruction"))
-    if prompt is not None and answer is not None:
-        if x.get("input"):
-            prompt = f"{prompt}\n\n{x['input']}"
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    raise ValueError(f"{where}: no conversation found (keys: {', '.join(x)})")
-
-
-def pair_messages(x, where):
-    """(chosen, rejected) conversations of a DPO record."""
-    prompt = x.get("prompt") or []
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else to_messages(prompt, where)
-    out = []
-    for side in ("chosen", "rejected"):
-        msgs = to_messages(x[side], where)
-        out.append(msgs if prompt and msgs[:len(prompt)] == prompt else prompt + msgs)
-    return out
-
+from engine.data.chat_data import load_dpo, load_records, load_sft, tokenize_pair, tokenize_sft
+from engine.data.tokenizers import resolve_tokenizer
 
 _TOK = None
 
 
 def _lengths(job):
-    kind, records, start, source = job
-    out = []
-    for i, r in enumerate(records, start):
-        where = f"{source} row {i}"
-        if kind == "dpo":
-            out.append([len(_TOK.encode_chat(m)[0]) for m in pair_messages(r, where)])
-        elif "text" in r and not CONVERSATION_KEYS & set(r):  # plain text: a document, closed by eot
-            out.append([len(_TOK.encode(r["text"])) + (_TOK.eot_id is not None)])
-        else:
-            out.append([len(_TOK.encode_chat(to_messages(r, where))[0])])
-    return out
+    kind, items = job
+    if kind == "dpo":
+        pairs = [tokenize_pair(_TOK, *t, sys.maxsize) for t in items]
+        return [None if x is None else [len(x["chosen_ids"]), len(x["rejected_ids"])] for x in pairs]
+    return [None if x is None else [len(x[0])] for x in (tokenize_sft(_TOK, m, sys.maxsize) for m in items)]
 
 
-def record_lengths(path, tok, num_proc=1):
-    """{"sequence": lengths} for SFT/text records, {"chosen", "rejected", "pair"} for DPO."""
+def record_lengths(source, tok, num_proc=1):
+    """(kind, lengths, dropped): "sft" with {"sequence"}, or "dpo" with {"chosen", "rejected", "pair"}, each the
+    input_ids length training gives an example; dropped, the examples training would leave out for having nothing
+    to learn."""
     global _TOK
     _TOK = tok
-    path = Path(path)
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, which some editors write, is dropped
-        records = json.load(f) if path.suffix == ".json" else [json.loads(line) for line in f if line.strip()]
-    kind = "dpo" if records and "chosen" in records[0] and "rejected" in records[0] else "sft"
-    step = max(1, math.ceil(len(records) / (4 * num_proc)))
-    jobs = [(kind, records[i:i + step], i, str(path)) for i in range(0, len(records), step)]
+    source = str(source)
+    first = load_records(source, limit=1)
+    kind = "dpo" if first and {"chosen", "rejected"} <= set(first[0][1]) else "sft"
+    items = load_dpo(source) if kind == "dpo" else load_sft(source)
+    step = max(1, math.ceil(len(items) / (4 * num_proc)))
+    jobs = [(kind, items[i:i + step]) for i in range(0, len(items), step)]
     if num_proc > 1:
         with mp.get_context("fork").Pool(num_proc) as pool:
             rows = [r for part in pool.map(_lengths, jobs) for r in part]
     else:
         rows = [r for job in jobs for r in _lengths(job)]
-    a = np.array(rows, dtype=np.int64).reshape(len(rows), -1)
+    kept = [r for r in rows if r is not None]
+    a = np.array(kept, dtype=np.int64).reshape(len(kept), 2 if kind == "dpo" else 1)
     if kind == "dpo":
-        return kind, {"chosen": a[:, 0], "rejected": a[:, 1], "pair": a.max(axis=1)}
-    return kind, {"sequence": a[:, 0]}
+        return kind, {"chosen": a[:, 0], "rejected": a[:, 1], "pair": a.max(axis=1)}, len(rows) - len(kept)
+    return kind, {"sequence": a[:, 0]}, len(rows) - len(kept)
 
 
 def bin_lengths(folder):
@@ -145,35 +110,41 @@ def table(report, max_lengths):
 def analyze(path, tokenizer=None, tokenizer_path=None, max_lengths=(256, 512, 1024, 2048, 4096, 8192), coverage=0.99,
             num_proc=1):
     p = Path(path)
-    if p.is_dir() or p.name == "meta.json":
-        folder = p if p.is_dir() else p.parent
+    folder = p.parent if p.name == "meta.json" else p
+    if (folder / "meta.json").is_file():  # prepared bins; anything else is SFT or DPO records
         meta = json.loads((folder / "meta.json").read_text())
-        kind, lengths, tok_name = "pretrain", bin_lengths(folder), meta["tokenizer"]
+        kind, lengths, tok_name, dropped = "pretrain", bin_lengths(folder), meta["tokenizer"], 0
     else:
         if not tokenizer:
-            raise ValueError("jsonl/json datasets need --tokenizer to count tokens")
-        kind, lengths = record_lengths(p, get_tokenizer(tokenizer, tokenizer_path), num_proc)
-        tok_name = tokenizer
-    return {"path": str(path), "kind": kind, "tokenizer": tok_name, "coverage": coverage,
+            raise ValueError("SFT and DPO data need --tokenizer to count tokens")
+        tok = resolve_tokenizer(tokenizer, tokenizer_path).tok
+        (kind, lengths, dropped), tok_name = record_lengths(path, tok, num_proc), tok.name
+    return {"path": str(path), "kind": kind, "tokenizer": tok_name, "coverage": coverage, "dropped": dropped,
             "stats": {k: stats(v, max_lengths, coverage) for k, v in lengths.items()}}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="a prepared data folder, or an SFT/DPO .jsonl/.json")
-    p.add_argument("--tokenizer", help="gpt2, llama2, llama3, qwen3 or hf:<folder> (jsonl/json only)")
-    p.add_argument("--tokenizer_path")
+    p.add_argument("path", help="a prepared data folder, or an SFT/DPO source (files, folders, globs, hub:NAME)")
+    p.add_argument("--tokenizer", help="gpt2, llama2, llama3, qwen3, hf:<folder> or a prepared dataset (SFT/DPO)")
+    p.add_argument("--tokenizer_path", help="your own tokenizer file, or a folder holding it")
     p.add_argument("--max_lengths", default="256,512,1024,2048,4096,8192")
     p.add_argument("--coverage", type=float, default=0.99, help="share of sequences the recommendation must hold")
     p.add_argument("--num_proc", type=int, default=os.cpu_count())
     p.add_argument("--out", help="JSON report (default: analysis.json in the folder, or <file>.analysis.json)")
     a = p.parse_args()
     max_lengths = [int(m) for m in a.max_lengths.split(",")]
-    report = analyze(a.path, a.tokenizer, a.tokenizer_path, max_lengths, a.coverage, a.num_proc)
+    try:
+        report = analyze(a.path, a.tokenizer, a.tokenizer_path, max_lengths, a.coverage, a.num_proc)
+    except (ValueError, OSError) as e:  # bad records or a tokenizer that cannot load: the message says which
+        p.error(str(e))
     print(f"{report['path']} ({report['kind']}, {report['tokenizer']} tokens)")
+    if report["dropped"]:
+        print(f"{report['dropped']} examples are left out for having nothing to learn, as training leaves them out")
     print(table(report, max_lengths))
     path = Path(a.path)
-    out = a.out or (path / "analysis.json" if path.is_dir() else path.with_name(path.name + ".analysis.json"))
+    out = a.out or (path / "analysis.json" if path.is_dir() else path.with_name(path.name + ".analysis.json")
+                    if path.is_file() else "analysis.json")
     Path(out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"written to {out}")
 

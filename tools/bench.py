@@ -5,17 +5,22 @@ Time the training step (forward, backward, clip, AdamW step) and print ms/iter, 
     python tools/bench.py --preset=gpt2 --batch_size=8 --compare attention_backend=manual,sdpa compile=False,True
     python tools/bench.py --vs_hf_gpt2
 
-Settings are train.py's (config files and --key=value, built by train.py's own functions), plus:
+Settings are train.py's (config files and --key=value, built by train.py's own functions), and the step timed is
+train.py's (engine/step.py: forward and backward over the micro-batches, clipping, the step's one all-reduce, the
+AdamW update). Plus:
   --warmup=N --iters=N --repeats=N  N untimed steps, then `repeats` timings of `iters` steps; the median is reported
-  --compare key=a,b [key=c,d ...]   one row per combination of the values (the cartesian product), in order, the
-                                    first value of every key first; each row is compared with that first row
+  --compare key=a,b [key=c,d ...]   one row per combination of the values (the cartesian product), the first value
+                                    of every key first; each row is compared with that first row
   --vs_hf_gpt2                      our step (sdpa, manual) against transformers' GPT2LMHeadModel (sdpa, eager) on
                                     the same batch: GPT-2 6 x 384, 6 heads, T=256, batch 8, float32 CPU
   --threads=N                       torch.set_num_threads(N) first (CPU)
-Tokens are random ids of the model's vocabulary, one fixed batch. Peak memory: on CUDA torch.cuda.max_memory_allocated
-above what was allocated before the row; on CPU the tensor bytes of one more step counted by TensorMemory (parameters,
-optimizer state, gradients, activations), because the process's resident size keeps what earlier rows freed; on CPU
-it is not measured for compiled rows, since that count cannot see inside compiled graphs.
+All rows are built first and take turns in every repeat, in alternating order (A B, B A, ...), since whatever runs
+first in a repeat is penalised; so they are all in memory at once. Tokens are random ids of the model's vocabulary,
+one fixed batch. Peak memory, measured on one more step after the timings: on CUDA what the step allocates above
+what was allocated before it, plus the row's parameters and optimizer state; on CPU the tensor bytes of that step
+counted by TensorMemory (parameters, optimizer state, gradients, activations), because the process's resident size
+keeps what earlier rows freed; on CPU it is not measured for compiled rows, since that count cannot see inside
+compiled graphs.
 """
 import gc
 import itertools
@@ -30,16 +35,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine import distributed as D  # noqa: E402
-from engine.attention import resolve_backend  # noqa: E402
-from engine.config import ConfigError, parse_args  # noqa: E402
-from engine.data import DataError, TokenDataset, resolve_dataset_dir  # noqa: E402
-from engine.metrics import device_name, lookup_peak_flops, mfu  # noqa: E402
-from engine.optim import make_optimizer  # noqa: E402
-from model import GPT  # noqa: E402
-from train import check_micro_steps, model_config, setup_device  # noqa: E402
+from engine import distributed as D
+from engine.config import ConfigError, parse_args
+from engine.data.bins import DataError, TokenDataset, resolve_dataset_dir
+from engine.objectives import PretrainTask
+from engine.optim import make_optimizer
+from engine.runlog import device_name, lookup_peak_flops, mfu
+from engine.step import forward_backward, optimizer_step
+from model import GPT
+from train import check_layout, model_config, setup_device
 
 COLUMNS = ("setting", "ms/iter", "tokens/s", "MFU", "peak mem GB", "vs row 1")
 
@@ -54,44 +58,42 @@ def data_vocab(cfg):
         raise ConfigError(f"{e}; or give --vocab_size (or a --preset) to benchmark on random tokens") from None
 
 
+class RandomTokens(PretrainTask):
+    """The pretraining objective on a batch of random ids (no dataset needed)."""
+
+    def __init__(self):  # no sampler: Run makes the batch
+        pass
+
+
 class Run:
-    """One model and optimizer as train.py builds them, and the step to time on a fixed random batch."""
+    """One model and optimizer as train.py builds them, and train.py's step (engine/step.py) on a fixed random
+    batch."""
 
     def __init__(self, cfg, batch_size=None):
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.device, self.dev_type, self.dtype, self.ctx = setup_device(cfg, D.Dist())
-        try:
-            backend, _ = resolve_backend(cfg.attention_backend, self.dev_type, self.dtype)
-        except (ValueError, RuntimeError) as e:
-            raise ConfigError(str(e)) from None
-        self.model = GPT(model_config(cfg, data_vocab(cfg), backend)).to(self.device)
+        hw = setup_device(cfg, D.Dist())
+        self.device, self.dev_type, self.dtype, self.ctx = hw.device, hw.type, hw.dtype, hw.ctx
+        self.model = GPT(model_config(cfg, data_vocab(cfg), hw.backend)).to(self.device)
         mc = self.model.config
         self.T = cfg.block_size or mc.block_size
         self.B = batch_size or cfg.batch_size
-        self.ga = cfg.gradient_accumulation_steps
-        check_micro_steps(cfg, self.ga)
+        self.ga = check_layout(cfg, D.Dist())
         self.tokens = self.B * self.T * self.ga
         self.flops_per_token = self.model.flops_per_token(self.T)
         self.forward, self.owner = D.parallelize(self.model, cfg, D.Dist(), self.dev_type, self.dtype)
         self.optimizer = make_optimizer(self.owner, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                         self.dev_type)
         self.scaler = torch.amp.GradScaler(self.dev_type, enabled=self.dtype == "float16")
+        self.task = RandomTokens()
         ids = torch.randint(0, mc.vocab_size, (self.B, self.T + 1), device=self.device)
         self.x, self.y = ids[:, :-1], ids[:, 1:]
 
     def step(self):
-        for _ in range(self.ga):
-            if self.cfg.use_cuda_graphs:  # as train.py: the previous replay's outputs are done with
-                torch.compiler.cudagraph_mark_step_begin()
-            with self.ctx:
-                _, loss = self.forward(self.x, self.y)
-            self.scaler.scale(loss / self.ga).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.owner.parameters(), self.cfg.grad_clip or float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        micro = [{"input_ids": self.x, "labels": self.y}] * self.ga
+        forward_backward(self.forward, self.owner, self.task, micro, self.ctx, self.scaler, self.optimizer,
+                         self.cfg.grad_clip, cuda_graphs=self.cfg.use_cuda_graphs)
+        optimizer_step(self.optimizer, self.scaler)
 
 
 class HFRun:
@@ -186,13 +188,15 @@ def time_steps(run, n, device):
 
 
 def measure(runs, warmup, iters, repeats, device):
-    """Median seconds per step of each run; the runs take turns within every repeat so drift hits all alike."""
+    """Median seconds per step of each run. The runs take turns within every repeat, in an order that alternates
+    (A B, B A, A B, ...): whatever runs first in a repeat is measurably penalised on these machines."""
     for run in runs:
         for _ in range(warmup):
             run.step()
     times = [[] for _ in runs]
-    for _ in range(repeats):
-        for t, run in zip(times, runs):
+    for r in range(repeats):
+        order = list(zip(times, runs))
+        for t, run in order if r % 2 == 0 else reversed(order):
             t.append(time_steps(run, iters, device))
     return [statistics.median(t) for t in times]
 
@@ -224,31 +228,35 @@ def header(device, command, extra=""):
 # ----------------------------------------------------------------------------------------------------------
 # the two modes
 
+def peak_bytes(run):
+    """Peak bytes of one more (untimed) step, parameters and optimizer state included: on CUDA what the step
+    allocates above what was allocated before it, plus the run's resident bytes; on CPU counted by TensorMemory,
+    which cannot see inside compiled graphs (None there)."""
+    if run.dev_type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(run.device)
+        before = torch.cuda.memory_allocated(run.device)
+        run.step()
+        return torch.cuda.max_memory_allocated(run.device) - before + resident_bytes(run)
+    return None if run.cfg.compile else cpu_step_bytes(run)
+
+
 def compare(base_argv, combos, warmup, iters, repeats, command, out=print):
+    """Every row is built first and kept in memory, so that the rows can take turns in each repeat."""
+    runs = [Run(parse_args(base_argv + [f"--{k}={v}" for k, v in combo])) for combo in combos]
+    first = runs[0]
+    for line in header(first.device, command, f", {first.dtype}, batch {first.B} x {first.T} x {first.ga} "
+                       f"micro-steps, {first.model.num_params() / 1e6:.1f}M parameters, warmup {warmup}, "
+                       f"{repeats} x {iters} timed steps, rows alternating, median"):
+        out(line)
+    secs = measure(runs, warmup, iters, repeats, first.device)
     rows = []
-    for combo in combos:
-        cfg = parse_args(base_argv + [f"--{k}={v}" for k, v in combo])
-        cuda = setup_device(cfg, D.Dist())[1] == "cuda"
-        if cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        run = Run(cfg)
-        (sec,) = measure([run], warmup, iters, repeats, run.device)
-        if cuda:
-            used = torch.cuda.max_memory_allocated() - base
-        else:  # a dispatch mode cannot see inside compiled graphs (and torch.compile refuses to run under one)
-            used = None if cfg.compile else cpu_step_bytes(run)
-        peak = cfg.peak_flops or (lookup_peak_flops(device_name(run.device)) if cuda else None)
+    for combo, run, sec in zip(combos, runs, secs):
+        used = peak_bytes(run)
+        peak = run.cfg.peak_flops or (lookup_peak_flops(device_name(run.device)) if run.dev_type == "cuda" else None)
         name = " ".join(f"{k}={v}" for k, v in combo) or "as configured"
         rows.append(row(name, run, sec, peak, None if used is None else used / 1e9))
-        if len(rows) == 1:
-            for line in header(run.device, command, f", {run.dtype}, batch {run.B} x {run.T} x {run.ga} micro-steps, "
-                               f"{run.model.num_params() / 1e6:.1f}M parameters, warmup {warmup}, "
-                               f"{repeats} x {iters} timed steps, median"):
-                out(line)
-        del run
     for line in table(rows):
         out(line)
     return rows
@@ -269,7 +277,7 @@ def vs_hf_gpt2(argv, warmup, iters, repeats, command, out=print):
     peak = cfg.peak_flops
     for line in header("cpu", command, f", float32, GPT-2 {mc.n_layer}L {mc.n_embd}d {mc.n_head}h, vocab "
                        f"{mc.vocab_size}, batch {ref.B} x {ref.T}, warmup "
-                       f"{warmup}, {repeats} x {iters} timed steps interleaved, median"):
+                       f"{warmup}, {repeats} x {iters} timed steps, alternating order, median"):
         out(line)
     rows = [row(name, run, s, peak, None) for (name, run), s in zip(runs.items(), secs)]
     for line in table(rows):

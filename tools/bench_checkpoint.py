@@ -10,16 +10,14 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import time
 import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine import checkpoint as C  # noqa: E402
-from model import GPT, ModelConfig  # noqa: E402
+from engine import checkpoint as C
+from model import GPT, ModelConfig
 
 
 def plain_save(tensors, meta, out_dir, iteration):

@@ -12,19 +12,15 @@ without CUDA a smaller head runs in float32 on CPU and the peak is the tensor by
 Target (issue #6): chunked extra <= 1/4 of plain extra.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.losses import chunked_cross_entropy  # noqa: E402
-from tools.bench import TensorMemory  # noqa: E402
+from engine.losses import chunked_cross_entropy
+from tools.bench import TensorMemory
 
 GB = 1e9
 

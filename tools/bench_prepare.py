@@ -16,15 +16,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.prepare import prepare  # noqa: E402
-from engine.tokenizers import get_tokenizer  # noqa: E402
+from engine.data.prepare import prepare
+from engine.data.tokenizers import get_tokenizer
 
 
 def cpu():
@@ -33,7 +30,7 @@ def cpu():
 
 
 def shakespeare_docs(mb, doc_chars):
-    from engine.corpus import shakespeare_works
+    from engine.data.corpus import shakespeare_works
 
     paras = "\n\n".join(shakespeare_works().values()).split("\n\n")
     docs, cur = [], ""

@@ -13,10 +13,9 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.checkpoint import CheckpointError, find_latest, load_checkpoint  # noqa: E402
-from engine.tokenizers import HF_FILES  # noqa: E402
-from model import GPT, ModelConfig  # noqa: E402
+from engine.checkpoint import CheckpointError, find_latest, load_checkpoint
+from engine.data.tokenizers import HF_FILES
+from model import GPT, ModelConfig
 
 
 def export(src, out):

@@ -20,11 +20,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.config import ConfigError, parse_args  # noqa: E402
-from engine.data import DataError  # noqa: E402
-from tools.bench import Run, cpu_step_bytes  # noqa: E402
+from engine.config import ConfigError, parse_args
+from engine.data.bins import DataError
+from tools.bench import Run, cpu_step_bytes
 
 GB = 1e9
 

@@ -5,9 +5,11 @@ Generate text from one of our checkpoints or a local transformers model, with a 
     python tools/sample.py --init_from=path/to/hf_model --prompt_file=prompt.txt --temperature=0.7 --top_p=0.9
     python tools/sample.py --out_dir=out-sft-qwen --chat --prompt="Name three rivers."
 
-The tokenizer is the one the checkpoint's dataset was made with (data/<dataset>/meta.json), or the tokenizer files of
-a transformers directory; --tokenizer overrides it with a name (gpt2, llama2, llama3, qwen3), hf:<dir>, or a dataset
-folder. Generation stops at the tokenizer's end-of-text token (in --chat mode, at the end of the assistant's turn).
+The tokenizer is the one the run trained with: the tokenizer (and tokenizer_path) its checkpoint's config records,
+else the one its dataset was made with (data/<dataset>/meta.json); for a transformers directory, its own tokenizer
+files. --tokenizer overrides it with a name (gpt2, llama2, llama3, qwen3; --tokenizer_path for your own file),
+hf:<dir>, or a dataset folder. Generation stops at the tokenizer's end-of-text token (in --chat mode, also at the end
+of the assistant's turn).
 """
 import argparse
 import os
@@ -17,45 +19,31 @@ from contextlib import nullcontext
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.checkpoint import CheckpointError, find_latest, load_checkpoint  # noqa: E402
-from engine.data import DataError, resolve_dataset_dir  # noqa: E402
-from engine.generate import chat_prompt, generate  # noqa: E402
-from engine.tokenizers import FILES, get_tokenizer, tokenizer_from_meta  # noqa: E402
-from model import GPT, ModelConfig  # noqa: E402
+from engine.checkpoint import CheckpointError, find_latest, load_checkpoint
+from engine.data.bins import DataError
+from engine.data.chat import chat_prompt
+from engine.data.tokenizers import resolve_tokenizer
+from engine.generate import generate
+from model import GPT, ModelConfig
 
 
 def load_model(args):
-    """(model, default tokenizer spec, description) from --init_from or the newest checkpoint in --out_dir."""
+    """(model, the config its run recorded or None, description) from --init_from or the newest checkpoint in
+    --out_dir."""
     if args.init_from:
-        return GPT.from_hf(args.init_from, attention_backend="sdpa"), f"hf:{args.init_from}", args.init_from
+        return GPT.from_hf(args.init_from, attention_backend="sdpa"), None, args.init_from
     path, _ = find_latest(args.out_dir, warn=lambda m: print(m, file=sys.stderr))
     state = load_checkpoint(path)
     # sdpa runs everywhere; dropout is off for sampling whatever the run trained with
     model = GPT(ModelConfig.from_dict({**state["model_config"], "attention_backend": "sdpa", "dropout": 0.0}))
     model.load_state_dict(state["model"])
-    cfg = state.get("config") or {}  # SFT and DPO runs name their tokenizer; pretraining runs their dataset
-    return model, cfg.get("tokenizer") or cfg.get("dataset"), f"{path} (iteration {state['iter_num']})"
-
-
-def load_tokenizer(spec):
-    """A tokenizer from a name, hf:<dir>, or a dataset (a name under data/, a folder, or its meta.json)."""
-    if spec is None:
-        raise ValueError("the checkpoint names no dataset to take the tokenizer from; pass --tokenizer")
-    if spec.startswith("hf:") or spec in FILES:
-        return get_tokenizer(spec)
-    if os.path.isfile(spec):
-        return tokenizer_from_meta(spec)
-    folder = resolve_dataset_dir(spec)
-    if not os.path.isfile(os.path.join(folder, "meta.json")):
-        raise DataError(f"{folder} has no meta.json to take the tokenizer from; pass --tokenizer")
-    return tokenizer_from_meta(folder)
+    return model, state.get("config") or {}, f"{path} (iteration {state['iter_num']})"
 
 
 def prompt_ids(tok, args, text):
     """The prompt's ids and the ids that end a sample."""
     if args.chat:
-        return chat_prompt(tok, text)
+        return chat_prompt(tok, [{"role": "user", "content": text}])
     ids = tok.encode(text)
     if not ids:  # nothing to condition on: start as a document starts
         start = tok.bos_id if tok.bos_id is not None else tok.eot_id
@@ -81,6 +69,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--tokenizer", help="gpt2 | llama2 | llama3 | qwen3 | hf:<dir> | a dataset name or folder")
+    p.add_argument("--tokenizer_path", help="your own tokenizer file, or a folder holding it, for --tokenizer")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context every step")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1:
@@ -89,6 +78,8 @@ def main(argv=None):
         p.error("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         p.error(f"prompt file {args.prompt_file} does not exist")
+    if args.tokenizer_path and not args.tokenizer:
+        p.error("--tokenizer_path goes with --tokenizer, the name of the tokenizer it is a file of")
     if args.init_from and not os.path.isdir(args.init_from):
         p.error(f"--init_from={args.init_from} is not a directory")
     text = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
@@ -98,8 +89,9 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if dev_type == "cuda" else "float32"
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=getattr(torch, dtype))
     try:
-        model, default_tok, where = load_model(args)
-        tok = load_tokenizer(args.tokenizer or default_tok)
+        model, saved, where = load_model(args)
+        r = resolve_tokenizer(args.tokenizer, args.tokenizer_path, hf_dir=args.init_from, saved=saved)
+        tok = r.tok
         ids, stop = prompt_ids(tok, args, text)
     except (CheckpointError, DataError, ValueError, OSError, KeyError) as e:
         p.error(str(e))
@@ -107,8 +99,8 @@ def main(argv=None):
     block = model.config.block_size
     if len(ids) >= block:
         print(f"warning: the prompt has {len(ids)} tokens; the model sees the last {block}", file=sys.stderr)
-    print(f"{where}: {model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.name}, {len(ids)} prompt tokens",
-          file=sys.stderr)
+    print(f"{where}: {model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.name} (from {r.source}), "
+          f"{len(ids)} prompt tokens", file=sys.stderr)
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)

@@ -22,12 +22,10 @@ import functools
 import json
 import math
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, ModelConfig  # noqa: E402
+from model import GPT, ModelConfig
 
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 TOKENS_PER_PARAM = 20  # the Chinchilla rule of thumb, D = 20 N

@@ -1,11 +1,10 @@
 """Shakespeare's works with the Llama 3 tokenizer (128,256 ids, uint32). 4 of the 42 works held out for val."""
 import os
-import sys
+
+from engine.data.prepare import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # the repository root, whatever the working directory
 
-from engine.prepare import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli(source="shakespeare", tokenizer="llama3", out_dir=HERE, val_fraction=0.1)

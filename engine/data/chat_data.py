@@ -1,13 +1,13 @@
 """Chat data for SFT and DPO: records from files or the hub -> messages -> token ids with labels -> padded batches.
 
-    convs = [sft_messages(r, where) for where, r in load_records("data/toy_chat/sft.jsonl")]
+    convs = load_sft("data/toy_chat/sft.jsonl")                       # [sft_messages(r, where) of each record]
     examples, dropped = tokenize_all(tok, convs, max_len)            # [(input_ids, labels)], count of empty ones
     batch = collate(pack_sft(examples, max_len), pad_id=tok.eot_id)  # input_ids, labels, positions, segments (B, T)
     logits, loss = model(batch["input_ids"], batch["labels"])
 
-Sources: local .jsonl, .json (a list of records, or {"data": [...]}) and .parquet files, as files, folders, globs or a
-comma-separated list of them; `hub:NAME` or `hub:NAME:SPLIT` (default split train) for a Hugging Face dataset, read
-with the `datasets` package (needs network or its local cache).
+Sources (read by engine/data/records.py): local .jsonl, .json (a list of records, or {"data": [...]}) and .parquet
+files, as files, folders, globs or a comma-separated list of them; `hub:NAME` or `hub:NAME:SPLIT` (default split
+train) for a Hugging Face dataset, read with the `datasets` package (needs network or its local cache).
 
 SFT records, one of: {"messages": [{"role", "content"}]} (OpenAI style), {"conversations": [{"from", "value"}]}
 (ShareGPT; from is system/human/gpt, or user/assistant), or {"prompt", "completion"} (strings, or message lists).
@@ -16,7 +16,8 @@ A ShareGPT-style top-level "system" string becomes a leading system message. Rol
 DPO records, one of: {"prompt", "chosen", "rejected"} strings (a user turn and two assistant answers); or chosen and
 rejected as whole conversations sharing their first turns (Tulu 3 and Dolci preference data: the shared turns are
 the prompt, the turns after them the completions; a "prompt" string beside them is ignored, a "prompt" message list
-is prepended to both, as TRL's conversational format writes it).
+is prepended to both, as TRL's conversational format writes it). A pair whose chosen equals its rejected, in either
+format, has nothing to teach: load_dpo leaves it out and counts it.
 
 Label convention, one for every objective: a sequence of n+1 tokens becomes input_ids = ids[:-1] and
 labels = ids[1:], with labels[t] = -100 where token t+1 is not learned. labels are the model's targets as they
@@ -25,11 +26,8 @@ against labels[:, t] over the learned tokens. max_len counts input_ids, so it is
 first max_len + 1 tokens of a conversation. Learned tokens are what the chat format's mask marks: each assistant
 message's content and the token that ends its turn; in DPO only those of the completion, never the prompt's.
 
-Chat formats: a tokenizer's own (llama3, chatml for qwen3, llama2, an hf: folder's chat template), and the Tulu
-format (open-instruct's Tulu 2/3 template) for tokenizers without one (gpt2; hf: folders with no template):
-"<|system|>\\n{content}\\n", "<|user|>\\n{content}\\n", "<|assistant|>\\n{content}{eos}\\n", with no newline after
-the conversation's last message (as the template writes it), eos the tokenizer's end-of-text token. The marker
-strings are ordinary text; each piece is tokenized on its own, so assistant content starts and ends on a token edge.
+Conversations are rendered in the tokenizer's chat format by engine/data/chat.py (chat_ids): its own (llama3,
+chatml for qwen3, llama2, an hf: folder's chat template), else the Tulu format.
 """
 import itertools
 import json
@@ -38,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from engine.data import DataError
-from engine.prepare import _expand, _pyarrow
-from engine.tokenizers import HFTokenizer
+from engine.data import records
+from engine.data.bins import DataError
+from engine.data.chat import chat_format, chat_ids
 
 IGNORE = -100
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -57,83 +55,24 @@ class ChatDataError(DataError):
 def load_records(source, limit=None):
     """[(where, record)] from a source (see the module docstring), in order, at most `limit`; `where` names the
     file and the line (.jsonl, counted from 1) or row (.json, .parquet, hub; counted from 0) for error messages."""
-    if source.startswith("hub:"):
-        return _hub_records(source[4:], limit)
     try:
-        files = _expand(source)
-    except (FileNotFoundError, ValueError) as e:
+        return list(itertools.islice(_records(source, limit), limit))
+    except (FileNotFoundError, ValueError) as e:  # RecordError among them
         raise ChatDataError(str(e)) from None
-    out = []
-    for f in files:
-        if limit is not None and len(out) >= limit:
-            break
-        left = None if limit is None else limit - len(out)
-        if f.endswith(".jsonl"):
-            out += itertools.islice(_jsonl(f), left)
-        elif f.endswith(".json"):
-            out += itertools.islice(_json(f), left)
-        elif f.endswith(".parquet"):
-            out += itertools.islice(_parquet(f), left)
-        else:
-            raise ChatDataError(f"cannot read {f}: chat data is .jsonl, .json or .parquet")
-    return out
 
 
-def _jsonl(path):
-    with open(path, "rb") as f:  # bytes: json decodes them itself, a leading byte-order mark included
-        for i, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise ChatDataError(f"{path} line {i}: not valid JSON or UTF-8 ({e})") from None
-                yield _record(rec, f"{path} line {i}")
-
-
-def _json(path):
-    with open(path, "rb") as f:
-        try:
-            data = json.load(f)
-        except ValueError as e:
-            raise ChatDataError(f"{path}: not valid JSON or UTF-8 ({e}); one record a line is .jsonl") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise ChatDataError(f"{path}: a .json source holds a list of records, or {{\"data\": [...]}}")
-    for i, rec in enumerate(data):
-        yield _record(rec, f"{path} row {i}")
-
-
-def _parquet(path):
-    row = 0
-    for batch in _pyarrow().ParquetFile(path).iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            yield _record(rec, f"{path} row {row}")
-            row += 1
-
-
-def _hub_records(name, limit):
-    name, _, split = name.partition(":")
-    split = split or "train"
-    try:
-        import datasets
-    except ImportError:
-        raise ChatDataError(f"hub:{name} needs the datasets package (pip install datasets) and network access; or "
-                            f"pass local .jsonl/.json/.parquet files") from None
-    try:
-        # streaming reads only the first `limit` rows of a large mixture rather than downloading all of it
-        ds = datasets.load_dataset(name, split=split, streaming=limit is not None)
-        rows = list(itertools.islice(ds, limit))
-    except Exception as e:  # the hub raises many kinds (connection, offline, missing split); all end here
-        raise ChatDataError(f"could not load hub:{name} split {split!r} ({type(e).__name__}: {e}); the hub must be "
-                            f"reachable, or the dataset in the local datasets cache, or pass local files") from None
-    return [_record(dict(r), f"hub:{name} ({split}) row {i}") for i, r in enumerate(rows)]
-
-
-def _record(rec, where):
-    if not isinstance(rec, dict):
-        raise ChatDataError(f"{where}: a record is a JSON object, got {type(rec).__name__}")
-    return where, _present(rec)
+def _records(source, limit):
+    if source.startswith("hub:"):
+        name, _, split = source[4:].partition(":")
+        split = split or "train"
+        # streamed, only the first `limit` rows of a large mixture are read rather than all of it downloaded
+        rows = records.hub_rows(records.hub_dataset(name, split, streaming=limit is not None), name, split)
+    else:
+        rows = (r for f in records.expand(source) for r in records.read_records(f))
+    for where, rec in rows:
+        if not isinstance(rec, dict):
+            raise ChatDataError(f"{where}: a record is a JSON object, got {type(rec).__name__}")
+        yield where, _present(rec)
 
 
 def _present(d):
@@ -193,7 +132,8 @@ def sft_messages(rec, where="record"):
 
 
 def dpo_messages(rec, where="record"):
-    """(prompt, chosen, rejected) message lists of a DPO record (see the module docstring)."""
+    """(prompt, chosen, rejected) message lists of a DPO record (see the module docstring); None when chosen and
+    rejected are the same, a pair with no preference in it."""
     missing = [k for k in ("chosen", "rejected") if k not in rec]
     if missing:
         raise ChatDataError(f"{where}: a DPO record has 'chosen' and 'rejected' (missing: {', '.join(missing)})")
@@ -201,14 +141,17 @@ def dpo_messages(rec, where="record"):
     if isinstance(c, str) and isinstance(r, str):
         if p is None:
             raise ChatDataError(f"{where}: string 'chosen' and 'rejected' need a 'prompt'")
-        return (_text_or_messages(p, "user", where, "prompt"), [{"role": "assistant", "content": c}],
-                [{"role": "assistant", "content": r}])
+        prompt, c, r = (_text_or_messages(p, "user", where, "prompt"), [{"role": "assistant", "content": c}],
+                        [{"role": "assistant", "content": r}])
+        return None if c == r else (prompt, c, r)
     if isinstance(c, str) or isinstance(r, str):
         raise ChatDataError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
     c, r = _messages(c, where, "chosen"), _messages(r, where, "rejected")
     if isinstance(p, list):
         pm = _messages(p, where, "prompt")
         c, r = pm + c, pm + r
+    if c == r:
+        return None
     k = 0
     while k < min(len(c), len(r)) and c[k] == r[k]:
         k += 1
@@ -226,45 +169,20 @@ def load_sft(source, limit=None):
     return [sft_messages(r, where) for where, r in load_records(source, limit)]
 
 
-def load_dpo(source, limit=None):
-    """The (prompt, chosen, rejected) message lists of a DPO source."""
-    return [dpo_messages(r, where) for where, r in load_records(source, limit)]
-
+def load_dpo(source, limit=None, log=print):
+    """The (prompt, chosen, rejected) message lists of a DPO source; pairs whose chosen equals rejected are left
+    out, with a warning to `log` saying how many."""
+    triples = [dpo_messages(r, where) for where, r in load_records(source, limit)]
+    same = triples.count(None)
+    if same:
+        log(f"warning: dpo: chosen and rejected are the same in {same} of {len(triples)} records of {source}; they "
+            f"teach nothing and are left out" + (": check which fields hold the chosen and rejected answers"
+                                                 if same == len(triples) else ""))
+    return [t for t in triples if t is not None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizing
-
-
-def tulu_ids(tok, messages):
-    """(ids, mask) of a conversation in the Tulu chat format; mask marks assistant content and its eos."""
-    if tok.eot_id is None:
-        raise ValueError(f"the Tulu chat format ends assistant turns with an end-of-text token; {tok!r} has none")
-    ids, mask = [], []
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            pieces = [("<|assistant|>\n", 0), (m["content"], 1), (tok.eot_id, 1)]
-            pieces += [("\n", 0)] if i < len(messages) - 1 else []
-        else:
-            pieces = [(f"<|{m['role']}|>\n{m['content']}\n", 0)]
-        for piece, learn in pieces:
-            new = [piece] if isinstance(piece, int) else tok.encode(piece)
-            ids += new
-            mask += [learn] * len(new)
-    return ids, mask
-
-
-def chat_format(tok):
-    """The format chat_ids renders in: the tokenizer's own (llama3, chatml, llama2; "template" for an hf: folder's
-    chat template), else "tulu"."""
-    if tok.chat_format != "plain":
-        return tok.chat_format
-    return "template" if isinstance(tok, HFTokenizer) and tok.tok.chat_template else "tulu"
-
-
-def chat_ids(tok, messages):
-    """(ids, mask) of a conversation in the tokenizer's own chat format, or in the Tulu format where it has none."""
-    return tulu_ids(tok, messages) if chat_format(tok) == "tulu" else tok.encode_chat(messages)
 
 
 def _shift(ids, mask, max_len):
@@ -287,8 +205,8 @@ def tokenize_pair(tok, prompt, chosen, rejected, max_len):
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
         ids, mask = chat_ids(tok, prompt + completion)
         if ids[:len(p_ids)] != p_ids:
-            raise ValueError(f"the {tok.name} chat format renders the prompt differently alone than before its "
-                             f"completion, so the prompt tokens cannot be told apart")
+            raise ValueError(f"the {chat_format(tok)} chat format of {tok.name} renders the prompt differently alone "
+                             f"than before its completion, so the prompt tokens cannot be told apart")
         seq = _shift(ids, [0] * len(p_ids) + mask[len(p_ids):], max_len)
         if seq is None:
             return None
@@ -346,24 +264,22 @@ def unpacked_rows(examples):
 def _pad(seqs, T, fill):
     out = torch.full((len(seqs), T), fill, dtype=torch.long)
     for b, s in enumerate(seqs):
-        if len(s) > T:
-            raise ValueError(f"a sequence of {len(s)} tokens does not fit the batch length {T}")
         out[b, :len(s)] = torch.tensor(s, dtype=torch.long)
     return out
 
 
-def collate(rows, pad_id, length=None):
-    """LongTensors (B, T) of rows, right-padded to the longest row, or to `length` (a fixed T keeps shapes static
-    for torch.compile): input_ids with pad_id, labels with -100, positions with 0, segments with -1."""
-    T = length or max(len(r["input_ids"]) for r in rows)
+def collate(rows, pad_id):
+    """LongTensors (B, T) of rows, right-padded to the longest row: input_ids with pad_id, labels with -100,
+    positions with 0, segments with -1."""
+    T = max(len(r["input_ids"]) for r in rows)
     fills = {"input_ids": pad_id, "labels": IGNORE, "positions": 0, "segments": -1}
     return {k: _pad([r[k] for r in rows], T, v) for k, v in fills.items()}
 
 
-def collate_pairs(items, pad_id, length=None):
+def collate_pairs(items, pad_id):
     """LongTensors (B, T) of DPO items, chosen and rejected padded to one T, so that
     torch.cat([chosen_ids, rejected_ids]) is a single (2B, T) batch."""
-    T = length or max(len(x[f"{k}_ids"]) for x in items for k in ("chosen", "rejected"))
+    T = max(len(x[f"{k}_ids"]) for x in items for k in ("chosen", "rejected"))
     return {f"{k}_{part}": _pad([x[f"{k}_{part}"] for x in items], T, pad_id if part == "ids" else IGNORE)
             for k in ("chosen", "rejected") for part in ("ids", "labels")}
 

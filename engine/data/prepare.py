@@ -6,9 +6,10 @@
 
 Sources (--source): local .txt (a file is one document, or split on --doc_sep), .jsonl, .json (a list of records)
 and .parquet files, as files, folders or globs, text in --text_field; `hub:NAME` for a Hugging Face dataset (needs
-network and the `datasets` package); `shakespeare` for the demo corpus (engine/corpus.py).
+network and the `datasets` package); `shakespeare` for the demo corpus (engine/data/corpus.py). Records are read by
+engine/data/records.py, as the chat data and the dataset tools read them.
 
-Output, the contract engine/data.py reads: raw little-endian token arrays with no header, uint16 when every id fits
+Output, the contract engine/data/bins.py reads: raw little-endian token arrays with no header, uint16 when every id fits
 and uint32 otherwise, each document followed by the tokenizer's end-of-text id (and preceded by its begin-of-text
 id with --add_bos); meta.json with the tokenizer, its file hash, counts and source; meta.pkl as well for a char
 vocabulary (nanoGPT's format). With --shard_tokens=N a split is written as <split>_000000.bin, ... of N tokens each,
@@ -29,7 +30,6 @@ against tiktoken's encode_ordinary_batch on the same text.
 """
 import argparse
 import datetime
-import glob
 import json
 import multiprocessing as mp
 import os
@@ -45,10 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.tokenizers import CharTokenizer, get_tokenizer
+from engine.data import records
+from engine.data.tokenizers import CharTokenizer, get_tokenizer
 
 CHUNK_BYTES = 1 << 20
-KINDS = (".txt", ".jsonl", ".json", ".parquet")
+KINDS = (".txt", *records.KINDS)
 _OUTPUT = re.compile(r"(train|val)(_\d{6})?\.bin$")
 
 
@@ -68,12 +69,12 @@ class Plan:
 
 def plan_source(source, text_field="text", doc_sep=None, hub_split="train", hub_config=None, streaming=True):
     if source == "shakespeare":
-        from engine.corpus import SOURCE, shakespeare_works
+        from engine.data.corpus import SOURCE, shakespeare_works
 
         return _memory_plan(list(shakespeare_works().values()), "shakespeare", SOURCE)
     if source.startswith("hub:"):
         return _hub_plan(source[4:], text_field, hub_split, hub_config, streaming)
-    files = _expand(source)
+    files = records.expand(source, KINDS)
     units, row, nbytes = [], 0, 0
     for f in files:
         if f.endswith(".jsonl"):
@@ -84,7 +85,7 @@ def plan_source(source, text_field="text", doc_sep=None, hub_split="train", hub_
         elif f.endswith(".parquet"):
             new, n = _parquet_units(f, row, text_field)
         else:
-            texts = _json_texts(f, text_field)
+            texts = [_text(r, text_field, where) for where, r in records.json_records(f)]
             new, n = _memory_units(texts, row, f), len(texts)
         units += new
         row += n
@@ -92,37 +93,12 @@ def plan_source(source, text_field="text", doc_sep=None, hub_split="train", hub_
     return Plan(lambda: iter(units), label=", ".join(files), rows=row, nbytes=nbytes)
 
 
-def _expand(source):
-    files = []
-    for part in source.split(","):
-        p = Path(part).expanduser()
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix in KINDS and f.is_file())
-        else:
-            found = sorted(glob.glob(str(p), recursive=True))
-        if not found:
-            raise FileNotFoundError(f"no files at {part!r}; a local source is .txt/.jsonl/.json/.parquet files, "
-                                    f"folders or globs, and a Hugging Face dataset is written hub:NAME")
-        bad = [f for f in found if Path(f).suffix not in KINDS]
-        if bad:
-            raise ValueError(f"cannot read {bad[0]}: sources are {', '.join(KINDS)} files")
-        files += found
-    return files
-
-
 def _jsonl_units(path, row):
-    # chunks of about CHUNK_BYTES that end at a line end, with the record and the line each starts at: records
-    # (non-blank lines) are the documents the val split counts, lines are what error messages name
-    units, start, line, row0 = [], 0, 0, row
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            if not block.endswith(b"\n"):
-                block += f.readline()
-            lines = block.split(b"\n")
-            units.append(("jsonl", path, row, line, start, len(block)))
-            start += len(block)
-            line += len(lines) - 1
-            row += sum(1 for x in lines if x.strip())
+    # records (non-blank lines) are the documents the val split counts; lines are what error messages name
+    units, row0 = [], row
+    for start, size, line, n in records.jsonl_chunks(path, CHUNK_BYTES):
+        units.append(("jsonl", path, row, line, start, size))
+        row += n
     return units, row - row0
 
 
@@ -135,8 +111,7 @@ def _txt_docs(path, doc_sep):
 
 
 def _parquet_units(path, row, field):
-    pq = _pyarrow()
-    meta = pq.ParquetFile(path).metadata
+    meta = records.pyarrow_parquet().ParquetFile(path).metadata
     names = [meta.schema.column(i).name for i in range(meta.num_columns)]
     if field not in names:
         raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(names)}); set --text_field")
@@ -147,25 +122,6 @@ def _parquet_units(path, row, field):
         units.append(("parquet", path, row, g, field, rg.column(col).total_uncompressed_size))
         row += rg.num_rows
     return units, row - row0
-
-
-def _pyarrow():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("reading .parquet needs pyarrow: pip install pyarrow") from None
-    return pq
-
-
-def _json_texts(path, field):
-    with open(path, "rb") as f:
-        try:
-            records = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON or UTF-8 ({e}); for one record a line, name it .jsonl") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: a .json source must hold a list of records")
-    return [_text(r, field, f"{path} row {i}") for i, r in enumerate(records)]
 
 
 def _text(record, field, where):
@@ -196,17 +152,13 @@ def _memory_plan(texts, label, source):
 
 
 def _hub_plan(name, field, split, config, streaming):
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError("hub: sources need the datasets package (pip install datasets) and network access") from None
-    ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
+    ds = records.hub_dataset(name, split, config, streaming)
     info = (ds.info.splits or {}).get(split) if ds.info else None
 
     def units():
         batch, row, size = [], 0, 0
-        for i, rec in enumerate(ds):
-            batch.append(_text(rec, field, f"hub:{name} ({split}) row {i}"))
+        for i, (where, rec) in enumerate(records.hub_rows(ds, name, split)):
+            batch.append(_text(rec, field, where))
             size += len(batch[-1])
             if size >= CHUNK_BYTES:
                 yield "mem", f"hub:{name}", row, batch, size
@@ -225,25 +177,13 @@ def read_unit(unit, text_field="text", doc_sep=None):
     if kind == "mem":
         yield from enumerate(unit[3], start=row)
     elif kind == "jsonl":
-        with open(path, "rb") as f:
-            f.seek(unit[4])
-            data = f.read(unit[5])
-        for i, line in enumerate(data.split(b"\n"), start=unit[3] + 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path} line {i}: not valid JSON or UTF-8 ({e})") from None
-                yield row, _text(record, text_field, f"{path} line {i}")
-                row += 1
+        for i, (where, record) in enumerate(records.jsonl_records(path, unit[4], unit[5], unit[3]), start=row):
+            yield i, _text(record, text_field, where)
     elif kind == "txt":
         yield from enumerate(_txt_docs(path, doc_sep), start=row)
     else:
-        column = _pyarrow().ParquetFile(path).read_row_group(unit[3], columns=[unit[4]]).column(0)
-        for i, text in enumerate(column.to_pylist(), start=row):
-            if not isinstance(text, str):
-                raise ValueError(f"{path} row {i}: field {unit[4]!r} is {type(text).__name__}, not text")
-            yield i, text
+        for i, (where, record) in enumerate(records.parquet_records(path, [unit[4]], unit[3]), start=row):
+            yield i, _text(record, unit[4], where)
 
 
 # ----------------------------------------------------------------------------------------------------------------

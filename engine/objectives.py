@@ -6,7 +6,8 @@
     weight(batch)            what the batch's loss is a mean over: target tokens (pretraining, SFT) or pairs (DPO).
                              The loop averages micro-batches by weight, so the logged loss of an iteration is the mean
                              over all its tokens or pairs whatever the batch layout (packing, accumulation, ranks)
-    tokens(batch)            the real (unpadded) tokens in the batch, for throughput
+    tokens(batch)            the real (unpadded) tokens in the batch, a tensor, for throughput
+    processed(batch)         the tokens the forward pass runs on, padding included (what the FLOPs are spent on)
     eval_splits              the splits there is something to evaluate on: "train", and "val" unless it is empty
     eval_batch(split, k)     the k-th fixed evaluation batch of one of eval_splits
     iters_per_epoch          for epoch-based schedules (SFT, DPO); None for pretraining
@@ -19,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from engine.chat_data import (
+from engine.config import ConfigError
+from engine.data.bins import EVAL, BatchSampler
+from engine.data.chat_data import (
     IGNORE,
     collate,
     collate_pairs,
@@ -30,8 +33,6 @@ from engine.chat_data import (
     tokenize_pairs,
     unpacked_rows,
 )
-from engine.config import ConfigError
-from engine.data import EVAL, BatchSampler
 from engine.dpo import ReferenceCache, compute_reference, dpo_loss, reduce_logps, reference_key, sequence_logps
 
 SHUFFLE = 7  # stream tag of the per-epoch permutations
@@ -63,6 +64,9 @@ class PretrainTask:
         return b["labels"].numel()
 
     def tokens(self, b):
+        return b["input_ids"].numel()
+
+    def processed(self, b):
         return b["input_ids"].numel()
 
 
@@ -138,6 +142,9 @@ class SFTTask(EpochTask):
     def tokens(self, b):
         return (b["segments"] >= 0).sum()
 
+    def processed(self, b):
+        return b["input_ids"].numel()
+
 
 class DPOTask(EpochTask):
     """DPO against the starting policy, whose log-probs are computed once and cached on disk."""
@@ -146,7 +153,7 @@ class DPOTask(EpochTask):
                     "logps/rejected")
 
     def __init__(self, cfg, tok, max_len, log=print):
-        triples = load_dpo(cfg.dataset, limit=cfg.max_examples)
+        triples = load_dpo(cfg.dataset, limit=cfg.max_examples, log=log)
         self.items, dropped = tokenize_pairs(tok, triples, max_len)
         if dropped:
             log(f"dpo: {dropped} of {len(triples)} pairs have no completion token within max_seq_length={max_len} "
@@ -208,3 +215,6 @@ class DPOTask(EpochTask):
 
     def tokens(self, b):
         return b["n_tokens"]
+
+    def processed(self, b):
+        return b["chosen_ids"].numel() + b["rejected_ids"].numel()

@@ -1,7 +1,7 @@
 """Pretraining data: memory-mapped token bins and deterministic batches.
 
 A dataset folder holds flat token arrays (train.bin and val.bin, or shards train_000000.bin, ...) and meta.json
-(vocab_size, dtype, tokenizer, eot id, the files of each split; engine/prepare.py writes it). Training windows are
+(vocab_size, dtype, tokenizer, eot id, the files of each split; engine/data/prepare.py writes it). Training windows are
 a pure function of (seed, iteration, micro-step): a resumed run draws exactly the batches an uninterrupted run
 would have drawn, with no sampler state to save. The micro-step is the global index within the optimizer step: under
 torchrun rank r takes micro-steps r*k .. r*k+k-1 of the iteration's gradient_accumulation_steps = world_size*k, so

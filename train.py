@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record as record_errors
@@ -43,6 +43,7 @@ from engine.checkpoint import (
 from engine.config import MODEL_KEYS, ConfigError, config_dict, help_text, parse_args
 from engine.data.bins import DataError, TokenDataset, resolve_dataset_dir, to_device, train_batches
 from engine.data.tokenizers import resolve_tokenizer
+from engine.evals import check_task, evaluate_tasks, load_task
 from engine.health import HealthMonitor, TrainingDiverged
 from engine.objectives import DPOTask, PretrainTask, SFTTask
 from engine.optim import lr_at, make_optimizer
@@ -57,6 +58,7 @@ from engine.runlog import (
     lookup_peak_flops,
     mfu,
     new_log_path,
+    process_memory,
 )
 from engine.step import forward_backward, optimizer_step
 from model import GPT, PRESETS, ModelConfig
@@ -306,6 +308,26 @@ def make_task(cfg, mc, T, data_dir, tok, log):
     return (SFTTask if cfg.objective == "sft" else DPOTask)(cfg, tok, max_len, log)
 
 
+def downstream_tasks(cfg, data_dir, tok, mc):
+    """(tokenizer, {task: items}) of eval_tasks, read once at start, or (None, None). Pretraining runs take the
+    tokenizer their dataset was made with (or --tokenizer)."""
+    if not cfg.eval_tasks:
+        return None, None
+    names = [n.strip() for n in cfg.eval_tasks.split(",") if n.strip()]
+    try:
+        for name in names:
+            check_task(name)
+        if tok is None:
+            tok = resolve_tokenizer(cfg.tokenizer or data_dir, cfg.tokenizer_path if cfg.tokenizer else None)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"eval_tasks: {e}") from e
+    if tok.tok.vocab_size > mc.vocab_size:
+        raise ConfigError(f"eval_tasks: tokenizer {tok.name} has {tok.tok.vocab_size} ids but the model only "
+                          f"{mc.vocab_size} rows; give the run the tokenizer its data was made with (--tokenizer)")
+    where = lambda name: os.path.join(cfg.eval_tasks_dir, f"{name}.jsonl") if cfg.eval_tasks_dir else None
+    return tok.tok, {n: load_task(n, where(n), cfg.eval_tasks_max_examples, cfg.seed) for n in names}
+
+
 def settle_config(cfg, task, tok, log):
     """The run's config as resolved, the one place it changes: the tokenizer found (recorded, so that later tools
     find it) and max_iters from num_train_epochs."""
@@ -364,6 +386,9 @@ def environment(cfg, d, hw, model, T, data_dir):
         "tokens_per_iter": cfg.batch_size * T * cfg.gradient_accumulation_steps * (2 if cfg.objective == "dpo"
                                                                                    else 1),  # at most, with padding
         "block_size": T, "dataset_dir": data_dir, "init_from": cfg.init_from,
+        "memory": ("memory_allocated_gb / memory_reserved_gb: torch.cuda.memory_allocated / memory_reserved"
+                   if hw.type == "cuda" else "memory_allocated_gb / memory_reserved_gb: the process's resident set "
+                   "size now / its peak (no device allocator on " + hw.type + ")"),
         "parallelism": "fsdp" if cfg.use_fsdp else "zero1" if cfg.use_zero1 else "ddp" if d.world_size > 1
         else "single",
     }
@@ -406,6 +431,8 @@ class Job:
     scaler: torch.amp.GradScaler
     task: object
     T: int
+    tasks: dict | None  # downstream tasks {name: items} (eval_tasks), and the tokenizer that scores them
+    task_tok: object
     local_ga: int  # micro-batches per rank and step
     env: dict
     resolved: dict  # the config as recorded
@@ -438,24 +465,32 @@ class Progress:
 def evaluate(model, task, cfg, ctx, device, d):
     """Weighted mean loss (and the task's metrics) over eval_iters fixed batches per split, dealt round-robin across
     ranks. Every rank runs the same number of forward passes (FSDP's collectives need that); fillers weigh zero.
-    A task without val examples (SFT or DPO with val_fraction=0) reports val and its metrics as None."""
+    A task without val examples (SFT or DPO with val_fraction=0) reports val and its metrics as None. Pretraining also
+    reports bits per byte (train_bpb, val_bpb), None where the data's token byte lengths are unknown."""
     model.eval()
-    out = {"val": None, **{f"val_{n}": None for n in task.metric_names}}
+    out = {"val": None, "train_bpb": None, "val_bpb": None, **{f"val_{n}": None for n in task.metric_names}}
+    bpb = getattr(task, "bpb_sums", None)
     per_rank = math.ceil(cfg.eval_iters / d.world_size)
     for split in task.eval_splits:
-        acc = torch.zeros(2 + len(task.metric_names), device=device)  # weight, loss*weight, metric*weight...
+        # weight, loss*weight, metric*weight..., nats, bytes
+        acc = torch.zeros(4 + len(task.metric_names), device=device)
         for j in range(per_rank):
             k = d.rank + j * d.world_size
             b = to_device(task.eval_batch(split, k % cfg.eval_iters), device)
             with ctx:
                 loss, metrics = task.loss(model, b)
+                sums = bpb(model, b, loss) if bpb else None
             w = float(task.weight(b)) if k < cfg.eval_iters else 0.0
-            acc += w * torch.stack([torch.ones((), device=device), loss.float().detach(),
-                                    *[metrics[n].float() for n in task.metric_names]])
+            acc[:-2] += w * torch.stack([torch.ones((), device=device), loss.float().detach(),
+                                         *[metrics[n].float() for n in task.metric_names]])
+            if sums is not None and w:
+                acc[-2:] += sums
         acc = D.all_reduce_sum(acc).tolist()
         out[split] = acc[1] / acc[0]
         if split == "val":
-            out.update({f"val_{n}": v / acc[0] for n, v in zip(task.metric_names, acc[2:])})
+            out.update({f"val_{n}": v / acc[0] for n, v in zip(task.metric_names, acc[2:-2])})
+        if acc[-1]:
+            out[f"{split}_bpb"] = acc[-2] / acc[-1] / math.log(2)
     model.train()
     return out
 
@@ -468,7 +503,8 @@ def run_eval(job, prog, iter_num):
     job.log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, "
             + (f"val loss {val:.4f}" if val is not None else "no val examples")
             + "".join(f", {k} {v:.4f}" for k, v in extra.items() if v is not None))
-    job.record("evals", {"iter": iter_num, "train_loss": losses["train"], "val_loss": val, **extra})
+    job.record("evals", {"iter": iter_num, "train_loss": losses["train"], "val_loss": val,
+                         "train_bpb": losses["train_bpb"], **extra})
     prog.evaluated = (iter_num, val)
     if val is None:  # nothing to judge by: every evaluation checkpoints, as always_save_checkpoint would
         return losses, True
@@ -478,6 +514,17 @@ def run_eval(job, prog, iter_num):
     improved = val < prog.best_val
     prog.best_val = min(prog.best_val, val)
     return losses, improved
+
+
+def run_task_evals(job, iter_num):
+    """Score the downstream tasks (engine/evals.py), log a line and record it under task_evals."""
+    # the module that holds the parameters: DDP's wrapper would sync nothing here, and compiled graphs would
+    # recompile for every sequence length
+    res = evaluate_tasks(job.owner, job.task_tok, job.tasks, job.hw.device, job.hw.ctx, job.cfg.batch_size)
+    job.log(f"task evals at iter {iter_num}: " + ", ".join(
+        f"{n} {r.get('acc_norm', r['acc']):.4f}" for n, r in res.items() if n != "core") + f"; core {res['core']:.4f}")
+    job.record("task_evals", {"iter": iter_num, **res})
+    return res
 
 
 def save(job, prog, iter_num):
@@ -517,12 +564,14 @@ def check_health(job, prog, iter_num, step):
         raise
 
 
-def log_step(job, prog, iter_num, step, lr, dt, data_wait, say):
+def log_step(job, prog, iter_num, step, lr, dt, data_wait):
     w, dev_type = job.d.world_size, job.hw.type
     tps = step.tokens / dt
     m = mfu(job.env["flops_per_token"], tps / w, job.env["peak_flops"])
-    mem_a = torch.cuda.memory_allocated() / 1e9 if dev_type == "cuda" else None
-    mem_r = torch.cuda.memory_reserved() / 1e9 if dev_type == "cuda" else None
+    if dev_type == "cuda":
+        mem_a, mem_r = torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9
+    else:  # no device allocator to ask: the process's resident memory now, and its peak (environment.memory)
+        mem_a, mem_r = (b / 1e9 for b in process_memory())
     job.record("training_iterations", {
         "iter": iter_num, "loss": step.loss, "lr": lr, "grad_norm": step.grad_norm,
         "dt_ms": dt * 1000, "data_wait_ms": data_wait * 1000, "tokens_per_sec": tps,
@@ -530,10 +579,10 @@ def log_step(job, prog, iter_num, step, lr, dt, data_wait, say):
         "mfu": m, "memory_allocated_gb": mem_a, "memory_reserved_gb": mem_r,
         **post_training_record(job.cfg.objective, step.loss, lr, prog.total_tokens, step.real_tokens / dt / w,
                                step.metrics)})
-    say(f"iter {iter_num}: loss {step.loss:.4f}, lr {lr:.3e}, grad norm {step.grad_norm:.3f}, "
+    job.log(f"iter {iter_num}: loss {step.loss:.4f}, lr {lr:.3e}, grad norm {step.grad_norm:.3f}, "
         f"{dt * 1000:.1f} ms, {tps:,.0f} tok/s" + (f" ({tps / w:,.0f}/device)" if w > 1 else "")
         + (f", mfu {m * 100:.1f}%" if m is not None else "")
-        + (f", mem {mem_a:.2f}/{mem_r:.2f} GB" if mem_a is not None else ""))
+        + f", mem {mem_a:.2f}/{mem_r:.2f} GB")
 
 
 def train(job, prog, stop):
@@ -547,10 +596,11 @@ def train(job, prog, stop):
                             use_dataloader=cfg.use_dataloader, prefetch=2 * job.local_ga)
     bar = tqdm(total=cfg.max_iters, initial=prog.start_iter, dynamic_ncols=True,
                disable=not (d.master and sys.stderr.isatty()))
-    say = tqdm.write if not bar.disable else job.log
     try:
         if prog.start_iter == 0:
             run_eval(job, prog, 0)
+            if job.tasks:
+                run_task_evals(job, 0)
         job.model.train()
         for it in range(prog.start_iter, cfg.max_iters):
             t0 = time.time()
@@ -581,11 +631,14 @@ def train(job, prog, stop):
             dt = time.time() - t0
             bar.update(1)
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                log_step(job, prog, iter_num, step, lr, dt, data_wait, say)
+                log_step(job, prog, iter_num, step, lr, dt, data_wait)
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                 prog.last_losses, improved = run_eval(job, prog, iter_num)
                 if improved or cfg.always_save_checkpoint:
                     save(job, prog, iter_num)
+            if job.tasks and (iter_num % (cfg.eval_tasks_interval or cfg.eval_interval) == 0
+                              or iter_num == cfg.max_iters):
+                run_task_evals(job, iter_num)
             if stops:
                 if prog.last_ckpt != checkpoint_path(cfg.out_dir, iter_num):
                     save(job, prog, iter_num)
@@ -653,6 +706,7 @@ def summarize(runlog, prog, error, wall, health):
         "wall_time_sec": wall, "mean_tokens_per_sec": mean("tokens_per_sec"),
         "mean_tokens_per_sec_per_device": mean("tokens_per_sec_per_device"), "mean_mfu": mean("mfu"),
         "per_rank_bytes": prog.per_rank, "health_flags": health.flags,
+        "final_task_evals": runlog.doc["task_evals"][-1] if runlog.doc["task_evals"] else None,
     }
 
 
@@ -687,12 +741,43 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def main(cfg, log=print):
+@contextmanager
+def console_file(cfg, d, log):
+    """`log`, with every line also written to <out_dir>/train_<time>.log on rank 0 (an eval_only run on an out_dir
+    it cannot write keeps to the console), and the error that ends the run last."""
+    if not d.master:
+        yield lambda *a, **k: None
+        return
+    try:
+        f = open(new_log_path(cfg.out_dir, prefix="train_", suffix=".log"), "w", encoding="utf-8")
+    except OSError as e:
+        log(f"out_dir {cfg.out_dir} is not writable ({e.strerror}); the console output is not kept in a file")
+        yield log
+        return
+
+    def tee(msg):
+        log(msg)
+        f.write(f"{msg}\n")
+        f.flush()
+
+    try:
+        yield tee
+    except BaseException as e:
+        f.write(f"error: {type(e).__name__}: {e}\n")
+        raise
+    finally:
+        f.close()
+
+
+def main(cfg, log=tqdm.write):
+    """Run `cfg` in this process (one rank of a torchrun job, or alone); `log` prints a console line (tqdm.write
+    keeps it above the progress bar)."""
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     d = D.init_distributed("cuda" if cuda else "cpu", cfg.dist_init_timeout_minutes)
     try:
-        with StopRequest() as stop, claim(cfg.out_dir, d, read_only=cfg.eval_only, warn=log):
-            result = run(cfg, d, log if d.master else (lambda *a, **k: None), stop)
+        with (StopRequest() as stop, claim(cfg.out_dir, d, read_only=cfg.eval_only, warn=log),
+              console_file(cfg, d, log) as log):
+            result = run(cfg, d, log, stop)
         D.barrier()  # leave together: a rank tearing gloo down while another still talks can abort
         return result
     except Exception as e:  # a collective that failed because ranks went silent: say which
@@ -722,6 +807,7 @@ def run(cfg, d, log, stop=None):
         raise ConfigError(f"block_size={T} exceeds the model's limit of {mc.block_size} positions")
     check_memory(cfg, model, T, hw.device, hw.dtype, d)  # before the data is read and anything of the step allocated
     task = make_task(cfg, mc, T, data_dir, tok and tok.tok, log)
+    task_tok, tasks = downstream_tasks(cfg, data_dir, tok, mc)
     cfg = settle_config(cfg, task, tok, log)
     if cfg.objective != "pretrain":
         T = cfg.max_seq_length or T  # what one example spans, for the FLOP count
@@ -743,8 +829,13 @@ def run(cfg, d, log, stop=None):
 
     resolved = config_dict(cfg)
     log("config: " + ", ".join(f"{k}={v!r}" for k, v in resolved.items()))
-    log(f"model: {env['num_params'] / 1e6:.2f}M parameters, {env['flops_per_token'] / 1e6:.1f} MFLOP/token at T={T}; "
-        f"attention {hw.backend}" + (f" ({hw.backend_reason})" if hw.backend_reason else ""))
+    log(f"model: {env['num_params'] / 1e6:.2f}M parameters, {env['flops_per_token'] / 1e6:.1f} MFLOP/token at T={T}")
+    if cfg.flash_attn is not None:
+        log(f"flash_attn={cfg.flash_attn} is the older spelling of attention_backend={cfg.attention_backend}")
+    log(f"Attention backend: {hw.backend}" + (f" ({hw.backend_reason})" if hw.backend_reason else " (as configured)"))
+    log("CUDA Graphs: " + ("on (torch.compile's reduce-overhead mode)" if cfg.use_cuda_graphs else "off"))
+    log(f"DataLoader: on, {cfg.dataloader_num_workers} worker processes, pinned memory" if cfg.use_dataloader else
+        "DataLoader: off; batches come from a prefetch thread, two steps ahead")
     if tok:
         log(f"tokenizer: {tok.name} ({tok.source})")
     log(f"{env['tokens_per_iter']:,} tokens per iteration on {d.world_size} x {env['device_name']} in {hw.dtype} "
@@ -752,17 +843,20 @@ def run(cfg, d, log, stop=None):
     runlog = open_run_log(cfg, d, resolved, env, mc, start, log)
     first = runlog.doc["training_iterations"][:1] if runlog else []
     health = HealthMonitor(warn=log, start_iter=start_iter, first_loss=first[0]["loss"] if first else None)
-    job = Job(cfg, d, hw, model, owner, optimizer, scaler, task, T, local_ga, env, resolved, runlog, health, log)
+    job = Job(cfg, d, hw, model, owner, optimizer, scaler, task, T, tasks, task_tok, local_ga, env, resolved, runlog,
+              health, log)
     prog = Progress(start_iter, best_val, last_ckpt=start.path if start.kind == "resume" else None,
                     last_val=start.meta.get("val_loss") if start.kind == "resume" else None,
                     best_ckpt=best_checkpoint(cfg.out_dir, upto=start_iter) if start.kind == "resume" else None)
 
     if cfg.eval_only:
         losses, _ = run_eval(job, prog, start_iter)
+        scores = run_task_evals(job, start_iter) if tasks else None
         if runlog:
             runlog.finish({"status": "eval_only", "iter": start_iter, "train_loss": losses["train"],
-                           "val_loss": losses["val"]})
-        return {"train_loss": losses["train"], "val_loss": losses["val"], "run_log": runlog and runlog.path}
+                           "val_loss": losses["val"], "task_evals": scores})
+        return {"train_loss": losses["train"], "val_loss": losses["val"], "task_evals": scores,
+                "run_log": runlog and runlog.path}
 
     t_start, error = time.time(), None
     try:

@@ -10,7 +10,7 @@ import os
 import re
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,11 @@ class TrainConfig:
     max_iters: int = key(5000, "optimizer steps in the whole run")
     eval_interval: int = key(250, "evaluate (and checkpoint) every this many steps")
     eval_iters: int = key(200, "batches per split in each evaluation")
+    eval_tasks: str | None = key(None, "downstream tasks scored in the loop, comma-separated: hellaswag, arc_easy, "
+                                       "arc_challenge, piqa, winogrande, lambada (docs/evals.md)")
+    eval_tasks_interval: int | None = key(None, "steps between downstream evaluations; None: eval_interval")
+    eval_tasks_max_examples: int | None = key(None, "a fixed seeded subset of each task's items; None: all")
+    eval_tasks_dir: str | None = key(None, "folder of <task>.jsonl files; None: the Hugging Face hub (needs datasets)")
     log_interval: int = key(10, "console line and run-log record every this many steps")
     gradient_log_interval: int = key(100, "per-layer gradient norms into the run log every this many steps; 0: off")
     always_save_checkpoint: bool = key(True, "checkpoint at every evaluation, not only when val loss improves")
@@ -60,6 +65,7 @@ class TrainConfig:
     dtype: str = key("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 elsewhere)")
     compile: bool = key(False, "torch.compile the model")
     attention_backend: str = key("auto", "auto | manual | sdpa | flash_attn_2")
+    flash_attn: bool | None = key(None, "the older spelling: True means attention_backend=flash_attn_2, False sdpa")
     loss_chunk_size: int = key(0, "rows per chunk of a cross-entropy that never forms the full logits "
                                   "(for 128K+ vocabularies, e.g. 1024); 0: plain loss on the logits")
     use_zero1: bool = key(False, "shard AdamW state across ranks (ZeRO-1: ZeroRedundancyOptimizer over DDP)")
@@ -127,7 +133,8 @@ FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
 # Every numeric key must be finite and not negative (a key added later included); these are narrower. NaN fails
 # every comparison, so each test refuses it too.
 RANGES = {
-    **dict.fromkeys(("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
+    **dict.fromkeys(("max_iters", "eval_interval", "eval_iters", "eval_tasks_interval", "eval_tasks_max_examples",
+                     "log_interval", "batch_size",
                      "gradient_accumulation_steps", "block_size", "max_seq_length", "max_examples", "n_layer", "n_head",
                      "n_kv_head", "n_embd", "head_dim", "intermediate_size", "vocab_size"), AT_LEAST_1),
     **dict.fromkeys(("learning_rate", "num_train_epochs", "dpo_beta", "peak_flops", "norm_eps", "rope_theta",
@@ -247,7 +254,7 @@ def parse_args(argv):
                     raise ConfigError(f"in {arg}: {e}") from None
     cfg = TrainConfig(**values)
     validate(cfg)
-    return cfg
+    return spell_out(cfg)
 
 
 def validate(cfg):
@@ -272,6 +279,17 @@ def validate(cfg):
         raise ConfigError("num_train_epochs is for objective=sft or dpo; pretraining runs max_iters steps")
     if cfg.packing and cfg.objective != "sft":
         raise ConfigError("packing=True is for objective=sft")
+
+
+def spell_out(cfg):
+    """Older spellings as the keys that now say the same (the run log records both)."""
+    if cfg.flash_attn is None:
+        return cfg
+    backend = "flash_attn_2" if cfg.flash_attn else "sdpa"
+    if cfg.attention_backend not in ("auto", backend):
+        raise ConfigError(f"flash_attn={cfg.flash_attn} means attention_backend={backend}, but attention_backend="
+                          f"{cfg.attention_backend} is set too; keep one of the two")
+    return replace(cfg, attention_backend=backend)
 
 
 def check_numbers(cfg):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from engine import distributed as D
 from engine.config import ConfigError
 from engine.data.bins import EVAL, BatchSampler
 from engine.data.chat_data import (
@@ -47,6 +48,7 @@ class PretrainTask:
     def __init__(self, cfg, data, block_size):
         self.sampler = BatchSampler(data, cfg.batch_size, block_size, cfg.seed)
         self.iters_per_epoch = None
+        self.token_bytes = None if data.token_bytes is None else torch.from_numpy(data.token_bytes)
 
     def batch(self, it, micro):
         x, y = self.sampler.batch("train", it, micro)
@@ -59,6 +61,23 @@ class PretrainTask:
     def loss(self, model, b):
         _, loss = model(b["input_ids"], b["labels"])
         return loss, {}
+
+    def bpb_sums(self, model, b, loss):
+        """tensor([summed cross-entropy in nats, summed UTF-8 bytes]) over the targets that are not special tokens,
+        for bits per byte (nats / bytes / ln 2), which unlike the loss per token compares across tokenizers; `loss`
+        is the batch's mean over all its targets. None when the data's token byte lengths are unknown."""
+        if self.token_bytes is None:
+            return None
+        y = b["labels"]
+        self.token_bytes = self.token_bytes.to(y.device)
+        nbytes = self.token_bytes[y]
+        keep = nbytes > 0
+        n = keep.sum()
+        # without logits (a chunked loss has none) the specials' share takes a forward pass with them ignored; every
+        # rank runs it if any rank needs it, since under FSDP each forward pass is a collective
+        if D.all_reduce_sum((~keep).sum()) > 0:
+            _, loss = model(b["input_ids"], y.masked_fill(~keep, -100))
+        return torch.stack([torch.where(n > 0, loss.float() * n, 0.0), nbytes.sum().float()])
 
     def weight(self, b):
         return b["labels"].numel()

@@ -10,7 +10,9 @@ import itertools
 import json
 import math
 import os
+import resource
 import subprocess
+import sys
 import time
 
 import torch
@@ -71,11 +73,12 @@ def git_state():
         return None, None
 
 
-RECORDS = ("training_iterations", "evals", "gradient_norms", "health")
+RECORDS = ("training_iterations", "evals", "task_evals", "gradient_norms", "health")
 
 
 class RunLog:
-    """The run's JSON log: config, environment, training_iterations, evals, gradient_norms, health, summary.
+    """The run's JSON log: config, environment, training_iterations (also as training_progress), evals, task_evals,
+    gradient_norms, health, summary.
     Everything entering it passes finite_or_none, so that no NaN or Inf can make it unwritable."""
 
     MIN_INTERVAL = 5.0  # seconds between routine rewrites
@@ -84,12 +87,16 @@ class RunLog:
     def __init__(self, path, config, environment, previous=None, resume_iter=None, warn=print):
         self.path, self.warn = path, warn
         self.doc = {"config": finite_or_none(config), "environment": finite_or_none(environment),
-                    "training_iterations": [], "evals": [], "gradient_norms": [], "health": [], "summary": None}
+                    "training_iterations": [], "evals": [], "task_evals": [], "gradient_norms": [], "health": [],
+                    "summary": None}
         if previous is not None:  # continue the resumed run's log, dropping what came after the checkpoint
             for k in RECORDS:
                 self.doc[k] = [r for r in previous.get(k, []) if r.get("iter", 0) <= resume_iter]
             self.doc["environment"]["resumes"] = previous["environment"].get("resumes", []) + [
                 {"iter": resume_iter, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+        # the same rows under the name other engines' analysis scripts read (data.get("training_progress")): one
+        # list, so they cannot disagree; the file holds it twice
+        self.doc["training_progress"] = self.doc["training_iterations"]
         self._last_write, self._write_cost = 0.0, 0.0
         self.flush()
 
@@ -130,12 +137,24 @@ class RunLog:
         self.flush()
 
 
-def new_log_path(out_dir):
-    """A fresh run_<time>.json in out_dir, created here so that no other run can take the name: two runs started
-    in the same second get a suffix."""
+def process_memory():
+    """(resident bytes now, peak resident bytes) of this process: what the run log reports as memory on CPU, where
+    there is no device allocator to ask. Linux reads /proc; elsewhere both are the peak (getrusage)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return rss, max(rss, peak)  # the kernel updates its high-water mark lazily
+    except (OSError, ValueError, IndexError):
+        return peak, peak
+
+
+def new_log_path(out_dir, prefix="run_", suffix=".json"):
+    """A fresh run_<time>.json (or another prefix and suffix) in out_dir, created here so that no other run can
+    take the name: two runs started in the same second get a suffix."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for i in itertools.count():
-        path = os.path.join(out_dir, f"run_{stamp}{f'_{i}' if i else ''}.json")
+        path = os.path.join(out_dir, f"{prefix}{stamp}{f'_{i}' if i else ''}{suffix}")
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             return path

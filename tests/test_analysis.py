@@ -4,7 +4,7 @@ import json
 import pytest
 
 from engine.runlog import RunLog
-from tools.analyze_run import analyze, load_run, main, parse_tokens
+from tools.analyze_run import analyze, load_run, main, parse_tokens, report
 
 DT_MS = [5000, 100, 200, 300, 100, 300]  # the first step pays for compilation
 MFU = [0.05, 0.3, 0.4, 0.5, 0.2, 0.6]
@@ -24,8 +24,9 @@ def synthetic_run(summary=True):
                         "dtype": "bfloat16", "num_params": 1_234_567, "tokens_per_iter": 1000, "block_size": 100,
                         "model_config": {"n_layer": 2, "n_embd": 64}},
         "training_iterations": recs,
-        "evals": [{"iter": 0, "train_loss": 5.5, "val_loss": 5.6}, {"iter": 30, "train_loss": 4.0, "val_loss": 4.1},
-                  {"iter": 60, "train_loss": 3.2, "val_loss": 3.3}],
+        "evals": [{"iter": 0, "train_loss": 5.5, "val_loss": 5.6, "train_bpb": 2.0, "val_bpb": 2.1},
+                  {"iter": 30, "train_loss": 4.0, "val_loss": 4.1, "train_bpb": 1.25, "val_bpb": 1.3},
+                  {"iter": 60, "train_loss": 3.2, "val_loss": 3.3, "train_bpb": 1.3, "val_bpb": 1.32}],
         "gradient_norms": [{"iter": 50, "norms": {"tok_emb": 0.5, "blocks.0": 0.7}}],
         "health": [{"iter": 55, "kind": "diverged", "loss": None, "nonfinite_grads": ["blocks.0.attn.qkv.weight"]}],
         "summary": {"status": "completed", "final_iter": 60, "best_val_loss": 3.3, "final_train_loss": 3.2,
@@ -33,6 +34,13 @@ def synthetic_run(summary=True):
                     "health_flags": [{"iter": 30, "kind": "grad_spike", "message": "gradient norm 1.2e3"}]}
         if summary else None,
     }
+
+
+def without_bpb(run):
+    """The run as a log from before train.py logged bits per byte."""
+    for e in run["evals"]:
+        del e["train_bpb"], e["val_bpb"]
+    return run
 
 
 def write(tmp_path, run, name="run.json"):
@@ -108,6 +116,22 @@ def test_cpu_log_without_mfu_or_memory():
         r["mfu"] = r["memory_allocated_gb"] = r["memory_reserved_gb"] = None
     s = analyze(run)["stats"]
     assert s["mfu"] is None and s["memory_reserved_gb"] is None and s["dt_ms"] is not None
+
+
+def test_bits_per_byte_best_and_last(capsys):
+    a = analyze(synthetic_run())
+    assert (a["best_val_bpb"], a["best_val_bpb_iter"], a["last_val_bpb"]) == (1.3, 30, 1.32)
+    assert "val bits per byte: best 1.3000 at iteration 30, last 1.3200" in report(a)
+
+
+def test_log_without_bits_per_byte(tmp_path, capsys):
+    a = analyze(without_bpb(synthetic_run()))
+    assert a["best_val_bpb"] is None and a["last_val_bpb"] is None and a["best_val_loss"] == 3.3
+    assert "bits per byte" not in report(a)
+    main([write(tmp_path, without_bpb(synthetic_run()), "old.json"), write(tmp_path, synthetic_run(), "new.json")])
+    head, _, old, new = capsys.readouterr().out.splitlines()[-4:]
+    col = head.index("best val bpb") + len("best val bpb")
+    assert old[:col].endswith("-") and new[:col].endswith("1.3000")
 
 
 def test_parse_tokens():

@@ -2,7 +2,7 @@ import json
 
 import matplotlib.image as mpimg
 import pytest
-from test_analysis import synthetic_run
+from test_analysis import synthetic_run, without_bpb
 
 from plots import plot_compare, plot_single_run
 
@@ -46,9 +46,50 @@ def test_compare_overlays_runs(tmp_path):
     check_png(out)
 
 
+def drawn(monkeypatch, module, main, argv):
+    """{panel title: [(x, y) of each line]} of the figure `main` would save."""
+    figs = []
+    monkeypatch.setattr(module, "save", lambda fig, out: figs.append(fig))
+    main(argv)
+    [fig] = figs
+    panels = {ax.get_title(): [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.lines] for ax in fig.axes}
+    plot_single_run.plt.close(fig)
+    return panels
+
+
+def test_single_run_shows_bits_per_byte_by_tokens(tmp_path, monkeypatch):
+    panels = drawn(monkeypatch, plot_single_run, plot_single_run.main, [write(tmp_path, synthetic_run(), "r.json")])
+    assert panels["bits per byte"] == [([0, 30_000, 60_000], [2.0, 1.25, 1.3]),  # train, val (1000 tokens/iter)
+                                       ([0, 30_000, 60_000], [2.1, 1.3, 1.32])]
+    old = drawn(monkeypatch, plot_single_run, plot_single_run.main,
+                [write(tmp_path, without_bpb(synthetic_run()), "old.json")])
+    assert old["bits per byte"] == [] and len(old["loss by tokens"]) == 3
+
+
+def test_compare_runs_on_bits_per_byte(tmp_path, monkeypatch):
+    other = synthetic_run()
+    other["environment"]["tokens_per_iter"] = 2000
+    logs = [write(tmp_path, synthetic_run(), "a.json"), write(tmp_path, other, "b.json"),
+            write(tmp_path, without_bpb(synthetic_run()), "old.json")]
+    panels = drawn(monkeypatch, plot_compare, plot_compare.main, [*logs, "--labels=gpt2,llama3,old"])
+    [title] = [t for t in panels if "bits per byte" in t]
+    assert panels[title] == [([0, 30_000, 60_000], [2.1, 1.3, 1.32]), ([0, 60_000, 120_000], [2.1, 1.3, 1.32])]
+
+
 def test_missing_log_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot_single_run.main([str(tmp_path / "absent.json")])
     assert "absent.json does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot_compare.main([str(tmp_path / "absent.json"), "--labels=a,b"])
+
+
+def test_single_run_shows_downstream_tasks(tmp_path, monkeypatch):
+    run = synthetic_run()
+    run["task_evals"] = [{"iter": i, "arc_easy": {"acc": a, "acc_norm": n, "centered": 0.0, "n": 5},
+                          "winogrande": {"acc": w, "centered": 0.0, "n": 5}, "core": c}
+                         for i, a, n, w, c in ((0, 0.2, 0.25, 0.5, -0.1), (30, 0.4, 0.45, 0.6, 0.2))]
+    panels = drawn(monkeypatch, plot_single_run, plot_single_run.main, [write(tmp_path, run, "t.json")])
+    assert panels["downstream tasks"] == [([0, 30], [0.25, 0.45]), ([0, 30], [0.5, 0.6]), ([0, 30], [-0.1, 0.2])]
+    old = drawn(monkeypatch, plot_single_run, plot_single_run.main, [write(tmp_path, synthetic_run(), "o.json")])
+    assert old["downstream tasks"] == []

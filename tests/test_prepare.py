@@ -176,7 +176,7 @@ def test_existing_output_needs_force_and_stale_shards_go(tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         P.prepare(str(src), out, tokenizer="gpt2", val_docs=3, num_proc=1, progress=False)
     P.prepare(str(src), out, tokenizer="gpt2", val_docs=3, num_proc=1, progress=False, force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "token_bytes.npy", "train.bin", "val.bin"]
     np.testing.assert_array_equal(_read(out), sharded)  # shards are the single file cut in pieces
 
 
@@ -269,3 +269,27 @@ def test_real_datasets_library_on_a_local_folder(tmp_path):
                          streaming=streaming, num_proc=2, progress=False)
         docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
         assert docs == 60 and (streaming or meta["splits"]["val"]["documents"] == 6)
+
+
+SCRIPTS = sorted(p.parent.name for p in (Path(__file__).resolve().parents[1] / "data").glob("*/prepare.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_prepare_script_writes_next_to_itself_from_any_folder(name, tmp_path):
+    """`cd data/<name> && python prepare.py` and `python data/<name>/prepare.py` write the same files in the same
+    place (a copy of the script in a scratch repository layout; a small local corpus instead of the real one)."""
+    src = Path(__file__).resolve().parents[1] / "data" / name / "prepare.py"
+    here = tmp_path / "data" / name
+    here.mkdir(parents=True)
+    (here / "prepare.py").write_bytes(src.read_bytes())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Document {i}: the quick brown fox jumps.\n\n" for i in range(20)))
+    flags = [f"--source={corpus}", "--doc_sep=\\n\\n", "--val_docs=2", "--num_proc=1", "--force"]
+    made = []
+    for cwd, script in ((here, "prepare.py"), (tmp_path, f"data/{name}/prepare.py")):
+        res = subprocess.run([sys.executable, script, *flags], cwd=cwd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        meta = json.loads((here / "meta.json").read_text())
+        made.append((meta["splits"], (here / "train.bin").read_bytes()))
+    assert made[0] == made[1] and meta["splits"]["val"]["documents"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "data"]  # nothing written elsewhere

@@ -252,3 +252,84 @@ def test_read_only_out_dir_is_refused_and_eval_only_needs_no_write_access(data, 
     assert res["val_loss"] > 0 and res["run_log"] is None
     assert any("not writable" in s and "without writing a run log" in s for s in said), said
     assert sorted(os.listdir(m / "out")) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what other engines' analysis scripts read
+
+# The analysis snippets of our users' training guide, as they stand: they read the newest run log of an out_dir
+SNIPPET = """
+import glob, json, sys
+data = json.load(open(sorted(glob.glob(sys.argv[1] + '/run_*.json'))[-1]))
+last = data['training_iterations'][-1]
+print('last', last['iter'], last['loss'], last['mfu'])
+rows = data.get('training_progress', [])[50:]
+print('avg', sum(r['mfu'] for r in rows) / len(rows), max(r['mfu'] for r in rows),
+      sum(r['tokens_per_sec'] for r in rows) / len(rows), sum(r['memory_allocated_gb'] for r in rows) / len(rows),
+      sum(r['dt_ms'] for r in rows) / len(rows))
+"""
+
+
+def test_the_guides_analysis_snippets_read_our_run_logs(data, tmp_path):
+    out = tmp_path / "out"
+    run(out, data, "--max_iters=60", "--log_interval=1", "--eval_interval=60", "--peak_flops=1e12")
+    res = subprocess.run(["python", "-c", SNIPPET, str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    last, avg = (line.split()[1:] for line in res.stdout.splitlines())
+    doc = run_log(out)
+    rows = doc["training_iterations"]
+    assert len(rows) == 60 and doc["training_progress"] == rows
+    assert [float(v) for v in last] == [60, rows[-1]["loss"], rows[-1]["mfu"]]
+    # independently: MFU from the model's FLOP count, memory the process's resident size (a plausible number)
+    flops = doc["environment"]["flops_per_token"]
+    steady = rows[50:]
+    mfu, peak_mfu, tps, mem, dt = (float(v) for v in avg)
+    assert mfu == pytest.approx(sum(flops * r["tokens_per_sec"] / 1e12 for r in steady) / len(steady))
+    assert peak_mfu == pytest.approx(max(flops * r["tokens_per_sec"] / 1e12 for r in steady))
+    tokens = doc["environment"]["tokens_per_iter"]
+    assert tps == pytest.approx(sum(tokens * 1000 / r["dt_ms"] for r in steady) / len(steady))
+    assert 0.05 < mem < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    assert all(r["memory_reserved_gb"] >= r["memory_allocated_gb"] for r in rows)
+    assert "resident" in doc["environment"]["memory"]
+    assert dt == pytest.approx(sum(r["dt_ms"] for r in steady) / len(steady))
+
+
+@pytest.mark.parametrize("extra, loader", [((), "DataLoader: off; batches come from a prefetch thread"),
+                                           (("--use_dataloader=True", "--dataloader_num_workers=1"),
+                                            "DataLoader: on, 1 worker processes")])
+def test_the_console_log_file_answers_the_guides_greps(data, tmp_path, extra, loader):
+    out = tmp_path / "out"
+    printed = []
+    run(out, data, "--max_iters=2", *extra, log=printed.append)
+    [name] = [p for p in os.listdir(out) if p.startswith("train_") and p.endswith(".log")]
+    text = (out / name).read_text()
+    assert text.splitlines() == printed  # every console line, in order
+    res = subprocess.run(f'grep -E "CUDA Graph|DataLoader|Attention backend" {out}/*.log', shell=True,
+                         capture_output=True, text=True)
+    found = res.stdout.splitlines()
+    assert len(found) == 3, res.stdout
+    assert found[0].startswith("Attention backend: sdpa")
+    assert found[1] == "CUDA Graphs: off" and found[2].startswith(loader)
+
+
+def test_the_console_log_file_ends_with_the_error(data, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="block_size"):
+        run(out, data, "--max_iters=2", "--block_size=100000")
+    [name] = [p for p in os.listdir(out) if p.startswith("train_")]
+    last = (out / name).read_text().splitlines()[-1]
+    assert last.startswith("error: DataError: ") and "shorter than block_size + 1 = 100001 tokens" in last
+
+
+def test_the_older_flash_attn_spelling(data, tmp_path, capsys):
+    assert parse_args(["--flash_attn=True"]).attention_backend == "flash_attn_2"
+    assert parse_args(["--flash_attn=True", "--attention_backend=flash_attn_2"]).attention_backend == "flash_attn_2"
+    rc, err = cli(tmp_path / "a", data, "--flash_attn=True", "--attention_backend=manual", capsys=capsys)
+    assert rc == 2 and "flash_attn=True means attention_backend=flash_attn_2, but attention_backend=manual" in err
+    printed = []
+    run(tmp_path / "b", data, "--max_iters=1", "--flash_attn=False", log=printed.append)
+    assert "flash_attn=False is the older spelling of attention_backend=sdpa" in printed
+    assert "Attention backend: sdpa (as configured)" in printed
+    if not __import__("torch").cuda.is_available():  # flash-attn needs CUDA: a clear error, not a silent fallback
+        rc, err = cli(tmp_path / "c", data, "--flash_attn=True", capsys=capsys)
+        assert rc == 2 and "flash" in err.lower()

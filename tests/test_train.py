@@ -112,7 +112,7 @@ def test_run_log_is_valid_json_mid_run_with_schema(dataset, tmp_path):
     assert set(rec) == {"iter", "loss", "lr", "grad_norm", "dt_ms", "data_wait_ms", "tokens_per_sec",
                         "tokens_per_sec_per_device", "mfu", "memory_allocated_gb", "memory_reserved_gb"}
     assert rec["mfu"] is None  # CPU without a given peak
-    assert doc["evals"][-1].keys() == {"iter", "train_loss", "val_loss"}
+    assert doc["evals"][-1].keys() == {"iter", "train_loss", "val_loss", "train_bpb", "val_bpb"}
     assert doc["gradient_norms"][0]["iter"] == 2
     assert set(doc["gradient_norms"][0]["norms"]) == {"tok_emb", "pos_emb", "blocks.0", "blocks.1", "norm_f"}
     assert doc["summary"]["status"] == "completed" and doc["config"]["max_iters"] == 6

@@ -7,8 +7,9 @@ What a run achieved and what a full run would take, from its JSON run log(s).
 
 Throughput statistics (MFU, tokens/s, ms per iteration, GPU memory) leave out the first --warmup iterations after
 the start and after every resume, where compilation and allocator growth inflate step times. Times to a token budget
-are iterations times the mean step time: training steps only, evaluations and checkpoints excluded. A log that is
-still being written reads as well as a finished one (train.py replaces it atomically).
+are iterations times the mean step time: training steps only, evaluations and checkpoints excluded. Val bits per
+byte, where the run logged it, compares runs across tokenizers, as the loss per token cannot. A log that is still
+being written reads as well as a finished one (train.py replaces it atomically).
 """
 import argparse
 import json
@@ -99,6 +100,13 @@ def health_flags(run):
     return flags
 
 
+def best_and_last(run, key):
+    """The evaluations with the lowest and the latest value of `key`, (None, None) where none logged it (bits per
+    byte in logs written before train.py logged it, or on data whose tokenizer is unknown)."""
+    evals = [e for e in run.get("evals") or [] if e.get(key) is not None]
+    return (min(evals, key=lambda e: e[key]), evals[-1]) if evals else (None, None)
+
+
 def analyze(run, warmup=10, budgets=()):
     """Everything the report prints, as a dict."""
     cfg, summary = run.get("config") or {}, run.get("summary")
@@ -115,8 +123,8 @@ def analyze(run, warmup=10, budgets=()):
         p["iters"] = math.ceil(p["tokens"] / tpi)
         p["seconds"] = p["iters"] * dt if dt else None
         p["remaining_seconds"] = max(p["iters"] - last, 0) * dt if dt else None
-    evals = [e for e in run.get("evals") or [] if e.get("val_loss") is not None]
-    best = min(evals, key=lambda e: e["val_loss"]) if evals else None
+    best, latest = best_and_last(run, "val_loss")
+    best_bpb, last_bpb = best_and_last(run, "val_bpb")
     return {
         "name": cfg.get("out_dir", "?"),
         "status": summary["status"] if summary else "running or killed (no summary yet)",
@@ -126,7 +134,10 @@ def analyze(run, warmup=10, budgets=()):
         "stats": stats,
         "first_loss": recs[0]["loss"] if recs else None, "last_loss": recs[-1]["loss"] if recs else None,
         "best_val_loss": best["val_loss"] if best else None, "best_val_iter": best["iter"] if best else None,
-        "last_val_loss": evals[-1]["val_loss"] if evals else None,
+        "last_val_loss": latest["val_loss"] if latest else None,
+        "best_val_bpb": best_bpb["val_bpb"] if best_bpb else None,
+        "best_val_bpb_iter": best_bpb["iter"] if best_bpb else None,
+        "last_val_bpb": last_bpb["val_bpb"] if last_bpb else None,
         "plans": plans, "health_flags": health_flags(run),
     }
 
@@ -142,6 +153,9 @@ def report(a):
     if a["best_val_loss"] is not None:
         lines.append(f"val loss: best {a['best_val_loss']:.4f} at iteration {a['best_val_iter']}, "
                      f"last {a['last_val_loss']:.4f}")
+    if a["best_val_bpb"] is not None:
+        lines.append(f"val bits per byte: best {a['best_val_bpb']:.4f} at iteration {a['best_val_bpb_iter']}, "
+                     f"last {a['last_val_bpb']:.4f}")
     lines.append(f"throughput over {a['records_used']} of {a['records']} logged iterations "
                  f"(first {a['warmup']} after start and resumes skipped):")
     lines.append(f"  {'':<20}{'mean':>12}{'median':>12}{'min':>12}{'max':>12}")
@@ -172,8 +186,8 @@ def table(analyses):
     def cell(s, key, scale=1, fmt=",.1f"):
         return "-" if s[key] is None else f"{s[key]['mean'] * scale:{fmt}}"
 
-    head = ["run", "status", "iter", "params", "loss", "best val", "ms/iter", "tok/s", "MFU %", "peak MFU %",
-            "peak mem GB"]
+    head = ["run", "status", "iter", "params", "loss", "best val", "best val bpb", "ms/iter", "tok/s", "MFU %",
+            "peak MFU %", "peak mem GB"]
     head += [f"to {human(p['tokens'])}" for p in analyses[0]["plans"] if p["label"] is None]
     rows = []
     for a in analyses:
@@ -182,6 +196,7 @@ def table(analyses):
                human(a["num_params"]) if a["num_params"] else "-",
                f"{a['last_loss']:.4f}" if a["last_loss"] is not None else "-",
                f"{a['best_val_loss']:.4f}" if a["best_val_loss"] is not None else "-",
+               f"{a['best_val_bpb']:.4f}" if a["best_val_bpb"] is not None else "-",
                cell(s, "dt_ms"), cell(s, "tokens_per_sec", fmt=",.0f"), cell(s, "mfu", 100),
                f"{s['mfu']['max'] * 100:.1f}" if s["mfu"] else "-",
                f"{s['memory_reserved_gb']['max']:.1f}" if s["memory_reserved_gb"] else "-"]

@@ -1,13 +1,15 @@
 """Pretraining data: memory-mapped token bins and deterministic batches.
 
-A dataset folder holds flat token arrays (train.bin and val.bin, or shards train_000000.bin, ...) and meta.json
-(vocab_size, dtype, tokenizer, eot id, the files of each split; engine/data/prepare.py writes it). Training windows are
-a pure function of (seed, iteration, micro-step): a resumed run draws exactly the batches an uninterrupted run
-would have drawn, with no sampler state to save. The micro-step is the global index within the optimizer step: under
-torchrun rank r takes micro-steps r*k .. r*k+k-1 of the iteration's gradient_accumulation_steps = world_size*k, so
-the global batch of every iteration is the same set of windows whatever the world size, and a run can resume on
-another number of ranks without changing the data it sees.
+A dataset folder holds flat token arrays (train.bin and val.bin, or shards train_000000.bin, ...), meta.json
+(vocab_size, dtype, tokenizer, eot id, the files of each split; engine/data/prepare.py writes it) and the UTF-8 bytes
+of each token id (token_bytes.npy, for bits per byte). Training windows are a pure function of (seed, iteration,
+micro-step): a resumed run draws exactly the batches an uninterrupted run would have drawn, with no sampler state to
+save. The micro-step is the global index within the optimizer step: under torchrun rank r takes micro-steps
+r*k .. r*k+k-1 of the iteration's gradient_accumulation_steps = world_size*k, so the global batch of every iteration
+is the same set of windows whatever the world size, and a run can resume on another number of ranks without
+changing the data it sees.
 """
+import functools
 import json
 import os
 import queue
@@ -15,6 +17,8 @@ import threading
 
 import numpy as np
 import torch
+
+from engine.data.tokenizers import tokenizer_from_meta
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 TRAIN, VAL, EVAL = 0, 1, 2  # stream tags mixed into the seed, so train, eval-train and val draws never coincide
@@ -80,6 +84,28 @@ class TokenDataset:
             if "tokens" in info and n != info["tokens"]:
                 raise DataError(f"{folder}: the {split} files hold {n} tokens but meta.json says {info['tokens']}; "
                                 "the bins and metadata disagree, re-run prepare.py with --force")
+
+    @functools.cached_property
+    def token_bytes(self):
+        """(vocab_size,) UTF-8 bytes of each token id, 0 for special tokens: the table prepare.py stored, else (data
+        prepared before it stored one) the tokenizer's that meta.json names; None when that tokenizer cannot be built
+        here (test data made without one, a tokenizer file that is not here), and then there is no bits per byte."""
+        name = self.meta.get("token_bytes")
+        if name:
+            path = os.path.join(self.folder, name)
+            try:
+                table = np.load(path)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path} (named in meta.json) cannot be read ({e}); re-run prepare.py") from e
+        else:
+            try:
+                table = tokenizer_from_meta(self.meta).token_bytes()
+            except (ValueError, KeyError, OSError, ImportError):
+                return None
+        if table.shape != (self.vocab_size,):
+            raise DataError(f"{self.folder}: the token byte lengths cover {table.shape} ids, not the vocab_size "
+                            f"{self.vocab_size} of meta.json; re-run prepare.py with --force")
+        return table
 
     def _open(self, name, vocab_limit):
         path = os.path.join(self.folder, name)

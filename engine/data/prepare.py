@@ -11,9 +11,10 @@ engine/data/records.py, as the chat data and the dataset tools read them.
 
 Output, the contract engine/data/bins.py reads: raw little-endian token arrays with no header, uint16 when every id fits
 and uint32 otherwise, each document followed by the tokenizer's end-of-text id (and preceded by its begin-of-text
-id with --add_bos); meta.json with the tokenizer, its file hash, counts and source; meta.pkl as well for a char
-vocabulary (nanoGPT's format). With --shard_tokens=N a split is written as <split>_000000.bin, ... of N tokens each,
-the last one shorter; a reader takes a split's files in order as one stream.
+id with --add_bos); meta.json with the tokenizer, its file hash, counts and source; token_bytes.npy, the UTF-8 bytes
+each token id stands for (0 for special tokens), from which evaluations compute bits per byte; meta.pkl as well for a
+char vocabulary (nanoGPT's format). With --shard_tokens=N a split is written as <split>_000000.bin, ... of N tokens
+each, the last one shorter; a reader takes a split's files in order as one stream.
 
 Every record is a document (a .jsonl line that is not blank, a row, a list item; a .txt file or a non-blank piece of
 it); the val split takes whole documents, a seeded sample of their indices (--val_fraction or --val_docs), so it does
@@ -30,6 +31,7 @@ against tiktoken's encode_ordinary_batch on the same text.
 """
 import argparse
 import datetime
+import io
 import json
 import multiprocessing as mp
 import os
@@ -51,6 +53,7 @@ from engine.data.tokenizers import CharTokenizer, get_tokenizer
 CHUNK_BYTES = 1 << 20
 KINDS = (".txt", *records.KINDS)
 _OUTPUT = re.compile(r"(train|val)(_\d{6})?\.bin$")
+TOKEN_BYTES = "token_bytes.npy"
 
 
 @dataclass
@@ -280,7 +283,8 @@ class BinWriter:
 
 
 def _existing_outputs(out):
-    return sorted(p.name for p in out.iterdir() if p.name in ("meta.json", "meta.pkl") or _OUTPUT.match(p.name))
+    return sorted(p.name for p in out.iterdir()
+                  if p.name in ("meta.json", "meta.pkl", TOKEN_BYTES) or _OUTPUT.match(p.name))
 
 
 def _val_rows(rows, val_fraction, val_docs, seed):
@@ -370,7 +374,7 @@ def prepare(source, out_dir, tokenizer="gpt2", tokenizer_path=None, text_field="
             bar.close()
     meta = dict(
         format=1, tokenizer=tok.name, tokenizer_path=tok.path, tokenizer_sha256=tok.file_sha256,
-        vocab_size=tok.vocab_size, dtype=dtype.name, eot_id=tok.eot_id, bos_id=tok.bos_id,
+        vocab_size=tok.vocab_size, dtype=dtype.name, eot_id=tok.eot_id, bos_id=tok.bos_id, token_bytes=TOKEN_BYTES,
         splits={s: dict(files=w.files, tokens=w.tokens, documents=w.documents) for s, w in writers.items()},
         source=plan.label, created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         settings=dict(text_field=text_field, val_fraction=val_fraction, val_docs=val_docs, seed=seed,
@@ -378,7 +382,7 @@ def prepare(source, out_dir, tokenizer="gpt2", tokenizer_path=None, text_field="
     )
     if isinstance(tok, CharTokenizer):
         meta["chars"] = tok.chars
-    _commit(out, writers, meta)
+    _commit(out, writers, meta, tok.token_bytes())
     return meta
 
 
@@ -389,8 +393,8 @@ def _check_disk(out, need):
                       f"{free / 1e9:.1f} GB free; free some space, or pass --check_disk=False if the estimate is off")
 
 
-def _commit(out, writers, meta):
-    # meta.json goes first and comes back last, so a folder with one always holds the bins it describes
+def _commit(out, writers, meta, token_bytes):
+    # meta.json goes first and comes back last, so a folder with one always holds the files it describes
     for name in ("meta.json", "meta.pkl"):
         (out / name).unlink(missing_ok=True)
     new = {name for w in writers.values() for name in w.files}
@@ -403,6 +407,9 @@ def _commit(out, writers, meta):
         itos = dict(enumerate(meta["chars"]))
         _write(out / "meta.pkl", pickle.dumps(dict(vocab_size=meta["vocab_size"], itos=itos,
                                                    stoi={c: i for i, c in itos.items()})))
+    buf = io.BytesIO()
+    np.save(buf, token_bytes)
+    _write(out / TOKEN_BYTES, buf.getvalue())
     _write(out / "meta.json", (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
 
 

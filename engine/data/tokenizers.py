@@ -4,6 +4,7 @@
     ids = tok.encode("Hello world")        # ordinary text: no special tokens added, none recognised
     tok.decode(ids), tok.vocab_size, tok.eot_id, tok.bos_id, tok.special_tokens, tok.encode_special("<|eot_id|>")
     tok.chat_format                        # the family's chat format (llama3, chatml, llama2, template) or None
+    tok.token_bytes()                      # UTF-8 bytes each id spells (0: special), for bits per byte
     r = resolve_tokenizer("qwen3")         # the one a run or tool uses (a name, a dataset, a checkpoint's config)
 
 Conversations are rendered in engine/data/chat.py, from tok.chat_format and the special tokens.
@@ -27,6 +28,13 @@ user's own file, or a folder holding it, instead.
 Special-token text inside a document ("<|endoftext|>" quoted on a web page) is encoded as the characters it is made
 of: special ids enter a sequence only through encode_special and the chat formats, never from data. (For hf:
 tokenizers this holds for their special tokens; added tokens that are not special are ordinary vocabulary there.)
+
+token_bytes() gives the UTF-8 bytes each id stands for, 0 for special, control and unknown ids (bits per byte leaves
+those out). Summed over tok.encode(text) it is the UTF-8 length of the text the ids spell: the text itself for gpt2,
+llama3 and char; NFC(text) for qwen3; for sentencepiece (llama2) the text after the model's normalisation (none in
+Llama 2's file and the packaged one) with the space of its dummy prefix in front, a byte the model predicts. hf:
+tokenizers are exact for byte-level BPE (GPT-2, Llama 3, Qwen) and sentencepiece-style pieces (▁ for a space, <0xNN>
+byte fallback); other vocabularies (WordPiece's ## pieces, for one) count each token's text as written, approximately.
 """
 import base64
 import functools
@@ -107,6 +115,10 @@ class Tokenizer:
     def decode(self, ids):
         raise NotImplementedError
 
+    def token_bytes(self):
+        """(vocab_size,) int32: the UTF-8 bytes each id stands for, 0 for special and control tokens."""
+        raise NotImplementedError
+
     def encode_numpy(self, text):
         return np.asarray(self.encode(text), dtype=np.int64)
 
@@ -152,6 +164,11 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
+    def token_bytes(self):
+        special = set(self.special_tokens.values())
+        return np.array([0 if i in special else len(self.enc.decode_single_token_bytes(i))
+                         for i in range(self.vocab_size)], dtype=np.int32)
+
 
 # Meta's Llama 3 tokenizer encodes a text in slices of 400k characters and cuts any run of over 25k whitespace or
 # non-whitespace characters every 25k (tiktoken slows down badly on such runs); we cut at the same places.
@@ -189,6 +206,20 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids):
         return self.sp.decode(list(ids))
 
+    def token_bytes(self):
+        # from the pieces: decoding a lone piece drops the space its leading ▁ stands for
+        sp = self.sp
+        return np.array([0 if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) else
+                         _piece_bytes(sp.id_to_piece(i)) for i in range(self.vocab_size)], dtype=np.int32)
+
+
+def _piece_bytes(piece):
+    """UTF-8 bytes of a sentencepiece-style piece: ▁ is a space, <0xNN> one byte (byte fallback)."""
+    return 1 if _BYTE_PIECE.fullmatch(piece) else len(piece.replace("▁", " ").encode())
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
 
 class CharTokenizer(Tokenizer):
     name = "char"
@@ -213,6 +244,9 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
+
+    def token_bytes(self):
+        return np.array([len(c.encode()) for c in self.chars], dtype=np.int32)
 
     def __reduce__(self):
         return CharTokenizer, (self.chars,)
@@ -242,6 +276,21 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self.tok.decode(list(ids))
+
+    def token_bytes(self):
+        special, added = set(self.tok.all_special_ids), set(self.tok.get_added_vocab().values())
+        backend = getattr(self.tok, "backend_tokenizer", None)  # None: a Python tokenizer, read by the piece rules
+        decoder = json.loads(backend.to_str())["decoder"] if backend else None
+        byte_level = '"type": "ByteLevel"' in json.dumps(decoder)  # also when nested in a Sequence
+        sizes = []
+        for i, p in enumerate(self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))):
+            if p is None or i in special:
+                sizes.append(0)
+            elif i in added:  # an added token is its text as written, byte-level vocabulary or not
+                sizes.append(len(p.encode()))
+            else:  # a byte-level piece spells each byte as one character (GPT-2's byte-to-unicode map)
+                sizes.append(len(p) if byte_level else _piece_bytes(p))
+        return np.array(sizes, dtype=np.int32)
 
     def __reduce__(self):
         return get_tokenizer, (self.name,)

@@ -20,24 +20,18 @@ from contextlib import nullcontext
 
 import torch
 
-from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.checkpoint import CheckpointError
 from engine.data.bins import DataError
 from engine.data.tokenizers import resolve_tokenizer
 from engine.distributed import cleanup, init_distributed
 from engine.evals import TASKS, check_task, evaluate_tasks, load_task
-from model import GPT, ModelConfig
 from tools import sample
 
 
 def load_model(args):
     """(model, the config its run recorded or None, description): the checkpoint --checkpoint names, else as
     tools/sample.py finds it (--init_from, or the newest checkpoint in --out_dir)."""
-    if not args.checkpoint:
-        return sample.load_model(args)
-    state = load_checkpoint(args.checkpoint)
-    model = GPT(ModelConfig.from_dict({**state["model_config"], "attention_backend": "sdpa", "dropout": 0.0}))
-    model.load_state_dict(state["model"])
-    return model, state.get("config") or {}, f"{args.checkpoint} (iteration {state['iter_num']})"
+    return sample.checkpoint_model(args.checkpoint) if args.checkpoint else sample.load_model(args)
 
 
 def table(results):

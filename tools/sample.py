@@ -33,6 +33,11 @@ def load_model(args):
     if args.init_from:
         return GPT.from_hf(args.init_from, attention_backend="sdpa"), None, args.init_from
     path, _ = find_latest(args.out_dir, warn=lambda m: print(m, file=sys.stderr))
+    return checkpoint_model(path)
+
+
+def checkpoint_model(path):
+    """(model, the config its run recorded, description) of one of our checkpoints."""
     state = load_checkpoint(path)
     # sdpa runs everywhere; dropout is off for sampling whatever the run trained with
     model = GPT(ModelConfig.from_dict({**state["model_config"], "attention_backend": "sdpa", "dropout": 0.0}))

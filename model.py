@@ -231,20 +231,24 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, S, KV, hs): this layer's keys and values of every position so far
-            y = cached_attention(q, k, v)
+            y = cached_attention(q, k, v, cache.keep)
         else:
             y = self.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, seg=seg)  # (B, T, nh, hs)
         return self.resid_dropout(self.proj(y.reshape(B, T, H * D)))
 
 
-def cached_attention(q, k, v):
+def cached_attention(q, k, v, keep=None):
     """Generation: T new queries (B, T, nh, hs) over S >= T keys and values, the queries being the last T positions.
 
-    The backends assume T == S; here query i sees keys 0 .. S - T + i.
+    The backends assume T == S; here query i sees keys 0 .. S - T + i. With keep (B, >= S) bool, it sees only the
+    keys marked True among those, and itself (left padding: a padding query gets a finite value nobody reads).
     """
     T, S = q.size(1), k.size(1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T or S, hs)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if keep is not None:
+        me = torch.arange(S, device=q.device) == torch.arange(S - T, S, device=q.device)[:, None]  # (T, S)
+        mask = (mask & (keep[:, None, :S] | me))[:, None]  # (B, 1, T, S)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
@@ -326,13 +330,14 @@ class GPT(nn.Module):
         With targets (B, T), loss is the mean cross-entropy over positions whose target is not -100; with
         config.loss_chunk_size > 0 it is computed chunk by chunk and the logits come back as None.
         With kv_cache (engine.generate.KVCache), idx continues the sequence the cache holds: its positions start
-        at kv_cache.pos, and every layer appends its keys and values to the cache.
+        at kv_cache.pos (or are pos (B, T), for rows the cache holds left-padded), and every layer appends its keys
+        and values to the cache.
         With pos and seg (B, T), rows pack several examples: pos restarts at each example and a position attends
         only within its segment, so each example is computed exactly as it would be alone.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
+        if pos is None and start + T > self.config.block_size:  # given positions are the caller's to keep in range
             raise ValueError(f"sequence length {start + T} exceeds the model's block_size {self.config.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None

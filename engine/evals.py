@@ -6,7 +6,8 @@ them, and a CORE-style mean over the tasks (docs/evals.md).
 
 An item becomes (context, continuation) text pairs, one per choice, joined by the harness's target delimiter " ".
 Each pair scores the summed log-probability of its continuation tokens given the context; the prediction is the
-choice of highest score (acc) and, where the harness reports acc_norm, of highest score per character of the choice.
+choice of highest score (acc) and, where the harness reports acc_norm, of highest score per character of the choice
+(acc_norm) and per UTF-8 byte of it (acc_bytes). Requests that share a context compute it once.
 Winogrande scores partially: each option fills the blank, so the contexts differ and the continuation (the rest of
 the sentence) is the same. LAMBADA's one pair is the text up to its last word and that word: right when greedy
 decoding would have produced exactly the word's tokens.
@@ -26,6 +27,7 @@ import torch
 
 from engine.data.bins import DataError
 from engine.distributed import all_gather_objects, all_reduce_sum, rank, world_size
+from engine.generate import KVCache
 
 
 def _hellaswag_text(text):
@@ -184,9 +186,13 @@ def encode_pair(tok, context, continuation):
 @torch.no_grad()
 def loglikelihoods(model, tok, name, items, device, ctx=None, batch_size=16):
     """For each item, a (log-likelihood, greedy) pair per request: the summed log-probability of the continuation's
-    tokens given the context, and whether greedy decoding would produce exactly them. An item's requests share a
-    forward batch; a batch holds up to batch_size sequences (more when one item has more choices), right-padded.
-    A context longer than the model's block_size keeps its last tokens. Under torchrun every rank must call this."""
+    tokens given the context, and whether greedy decoding would produce exactly them.
+
+    Items are batched, up to batch_size requests a batch (more when one item has more). A context is computed once
+    however many requests share it: the batch's distinct contexts run first, left-padded, into a KV cache, which is
+    then copied once per request and continued by the requests' continuations, right-padded. The model must take
+    GPT.forward's kv_cache and pos. A sequence longer than block_size + 1 tokens loses its first ones, as the
+    harness truncates. Under torchrun every rank must call this."""
     block = model.config.block_size
     reqs = []
     for i, item in enumerate(items):
@@ -194,8 +200,10 @@ def loglikelihoods(model, tok, name, items, device, ctx=None, batch_size=16):
         if not all(c and 0 < len(x) <= block for c, x in pairs):
             raise ValueError(f"{name} item {i}: a context encodes to no tokens, or a continuation to none or to more "
                              f"than the model's block_size {block}")
-        reqs.append(pairs)
-    # longest first, so that a batch pads its sequences to similar lengths
+        # the harness's left truncation: its inputs are the last block tokens of context + continuation[:-1]
+        reqs.append([(tuple(c[max(0, len(c) + len(x) - block - 1):]), x) for c, x in pairs])
+
+    # longest first, so that a batch pads to similar lengths
     order = sorted(range(len(reqs)), key=lambda i: -max(len(c) + len(x) for c, x in reqs[i]))
     batches = []
     for i in order:
@@ -203,23 +211,38 @@ def loglikelihoods(model, tok, name, items, device, ctx=None, batch_size=16):
             batches.append([])
         batches[-1].append(i)
 
-    # every rank calls the model equally often, since FSDP gathers parameters and DDP syncs buffers in each forward:
-    # a rank with fewer batches runs empty ones, a one-token stand-in
+    # every rank calls the model equally often (twice a batch), since FSDP gathers parameters in each forward: a
+    # rank with fewer batches runs empty ones, a one-token stand-in
     batches += [[] for _ in range(max(all_gather_objects(len(batches))) - len(batches))]
     scores = [None] * len(reqs)
     for batch in batches:
-        rows = [pair for i in batch for pair in reqs[i]] or [([0], [0])]
-        seqs = [(c + x)[-(block + 1):] for c, x in rows]  # the harness's left truncation: block inputs at most
-        idx = torch.zeros(len(seqs), max(map(len, seqs)) - 1, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            idx[j, :len(s) - 1] = torch.tensor(s[:-1])
+        rows = [(c, x) for i in batch for c, x in reqs[i]] or [((0,), [0])]
+        contexts = list(dict.fromkeys(c for c, _ in rows))  # distinct, in order
+        where = {c: r for r, c in enumerate(contexts)}
+        Lc, Lx = max(map(len, contexts)), max(len(x) for _, x in rows)
+        W = max(Lx - 1, 1)  # continuation inputs: all but the last token, and at least one column
+        idx = torch.zeros(len(contexts), Lc, dtype=torch.long)
+        pos = torch.zeros(len(contexts), Lc, dtype=torch.long)
+        keep = torch.ones(len(contexts), Lc + W, dtype=torch.bool)
+        for r, c in enumerate(contexts):
+            idx[r, Lc - len(c):] = torch.tensor(c)
+            pos[r, Lc - len(c):] = torch.arange(len(c))
+            keep[r, :Lc - len(c)] = False
+        cont = torch.zeros(len(rows), W, dtype=torch.long)
+        for j, (_, x) in enumerate(rows):
+            cont[j, :len(x) - 1] = torch.tensor(x[:-1])
+        cont_pos = (torch.tensor([len(c) for c, _ in rows])[:, None] + torch.arange(W)).clamp(max=block - 1)
+        cache = KVCache(model.config.n_layer, Lc + W, keep.to(device))
         with ctx or nullcontext():  # autocast, if given
-            logits, _ = model(idx.to(device))  # (B, T, V)
+            first, _ = model(idx.to(device), kv_cache=cache, pos=pos.to(device))  # (R, Lc, V)
+            sel = torch.tensor([where[c] for c, _ in rows], device=device)
+            rest, _ = model(cont.to(device), kv_cache=cache.select(sel), pos=cont_pos.to(device))  # (N, W, V)
         out = []
-        for j, ((_, cont), s) in enumerate(zip(rows, seqs)):
-            end = len(s) - 1  # logits at t predict token t + 1: the continuation's come from the last len(cont)
-            logp = logits[j, end - len(cont):end].float().log_softmax(-1)
-            target = torch.tensor(cont, device=logp.device)
+        for j, (_, x) in enumerate(rows):
+            # a context's last position predicts its continuation's first token, continuation token t the next
+            logits = torch.cat([first[sel[j], -1:], rest[j, :len(x) - 1]])
+            logp = logits.float().log_softmax(-1)
+            target = torch.tensor(x, device=logp.device)
             out.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
         for i in batch:
             scores[i], out = out[:len(reqs[i])], out[len(reqs[i]):]
@@ -231,17 +254,21 @@ def _argmax(xs):
 
 
 def _tally(name, item, scores):
-    """(correct, correct by acc_norm, log-likelihood of LAMBADA's word) of one item."""
+    """(correct, correct by acc_norm, correct by acc_bytes, log-likelihood of LAMBADA's word) of one item."""
     lls = [ll for ll, _ in scores]
     if name == "lambada":
-        return scores[0][1], 0, lls[0]
-    # acc_norm divides by the choice's length in characters, as the harness does (its len(choice))
+        return scores[0][1], 0, 0, lls[0]
+    # acc_norm divides by the choice's length in characters, as the harness does (its len(choice)); acc_bytes by
+    # its UTF-8 bytes, as the harness's acc_bytes does. The two differ only on text beyond ASCII.
     per_char = [ll / len(choice) for ll, choice in zip(lls, item["choices"])]
-    return _argmax(lls) == item["label"], _argmax(per_char) == item["label"], 0.0
+    per_byte = [ll / len(choice.encode("utf-8")) for ll, choice in zip(lls, item["choices"])]
+    label = item["label"]
+    return _argmax(lls) == label, _argmax(per_char) == label, _argmax(per_byte) == label, 0.0
 
 
 def evaluate_tasks(model, tok, tasks, device, ctx=None, batch_size=16):
-    """{task: {"acc", "acc_norm" where the harness reports it, "ppl" for LAMBADA, "centered", "n"}, "core": mean
+    """{task: {"acc", "acc_norm" and "acc_bytes" where the harness reports acc_norm, "ppl" for LAMBADA, "centered",
+    "n"}, "core": mean
     centered accuracy} for tasks {name: items}. The model runs in eval mode without gradients; its mode is restored.
     Under torchrun every rank calls this with the same tasks and gets the same numbers."""
     if not tasks:
@@ -251,24 +278,25 @@ def evaluate_tasks(model, tok, tasks, device, ctx=None, batch_size=16):
         if not items:
             raise ValueError(f"task {name} has no items")
     r, w = rank(), world_size()
-    sums = torch.zeros(len(tasks), 4, dtype=torch.float64)  # correct, correct by acc_norm, items, log-likelihood
+    sums = torch.zeros(len(tasks), 5, dtype=torch.float64)  # correct: plain, acc_norm, acc_bytes; items; LAMBADA ll
     training = model.training
     model.eval()
     try:
         for k, (name, items) in enumerate(tasks.items()):
             mine = items[r::w]
             for item, scores in zip(mine, loglikelihoods(model, tok, name, mine, device, ctx, batch_size)):
-                acc, norm, ll = _tally(name, item, scores)
-                sums[k] += torch.tensor([acc, norm, 1, ll], dtype=torch.float64)
+                acc, norm, per_byte, ll = _tally(name, item, scores)
+                sums[k] += torch.tensor([acc, norm, per_byte, 1, ll], dtype=torch.float64)
     finally:
         model.train(training)
     sums = all_reduce_sum(sums.to(device)).cpu().tolist()
     results = {}
-    for (name, _), (acc, norm, n, ll) in zip(tasks.items(), sums):
+    for (name, _), (acc, norm, per_byte, n, ll) in zip(tasks.items(), sums):
         task = TASKS[name]
         res = {"acc": acc / n}
         if task.acc_norm:
             res["acc_norm"] = norm / n
+            res["acc_bytes"] = per_byte / n
         if name == "lambada":  # the harness's perplexity: exp of the mean negative log-likelihood of the word
             res["ppl"] = math.exp(-ll / n) if -ll / n < 700 else math.inf  # beyond float64, for a model far off
         res["centered"] = (res["acc"] - task.chance) / (1 - task.chance)

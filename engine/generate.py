@@ -9,10 +9,14 @@ import torch
 
 
 class LayerCache:
-    """One layer's keys and values, (B, max_len, KV, hs), allocated at the first update in that call's dtype."""
+    """One layer's keys and values, (B, max_len, KV, hs), allocated at the first update in that call's dtype.
 
-    def __init__(self, max_len):
+    keep (B, max_len) bool, shared by the layers of one KVCache, marks the positions that hold tokens; None: all do.
+    """
+
+    def __init__(self, max_len, keep=None):
         self.max_len = max_len
+        self.keep = keep
         self.k = self.v = None
         self.len = 0  # positions filled
 
@@ -32,15 +36,32 @@ class LayerCache:
 
 
 class KVCache:
-    """The cache GPT.forward(idx, kv_cache=...) reads and extends: one LayerCache per block."""
+    """The cache GPT.forward(idx, kv_cache=...) reads and extends: one LayerCache per block.
 
-    def __init__(self, n_layer, max_len):
-        self.layers = [LayerCache(max_len) for _ in range(n_layer)]
+    With keep (B, max_len) bool, rows may hold sequences of different lengths, left-padded: a query attends only to
+    positions marked True (and to itself, so that a padding query has a key and stays finite). The caller then passes
+    each row's own positions to GPT.forward as pos.
+    """
+
+    def __init__(self, n_layer, max_len, keep=None):
+        self.keep = keep
+        self.layers = [LayerCache(max_len, keep) for _ in range(n_layer)]
 
     @property
     def pos(self):
         """How many positions the cache holds: where the next tokens go."""
         return self.layers[0].len
+
+    def select(self, rows):
+        """A new cache whose row i copies row rows[i] of this one (rows: LongTensor): one prefix computed once,
+        then continued several ways."""
+        new = KVCache(0, 0, None if self.keep is None else self.keep[rows])
+        for layer in self.layers:
+            copy = LayerCache(layer.max_len, new.keep)
+            if layer.k is not None:
+                copy.k, copy.v, copy.len = layer.k[rows], layer.v[rows], layer.len
+            new.layers.append(copy)
+        return new
 
 
 def filter_logits(logits, top_k=None, top_p=None):

@@ -83,6 +83,21 @@ def test_loglikelihoods_equal_a_float64_recomputation(batch_size):
     assert len(tok.encode(MC_ITEMS[2]["context"])) > 32  # the truncation was exercised
 
 
+def test_a_shared_context_is_computed_once():
+    model = tiny_gpt(CHARS.vocab_size, block_size=64)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    # one 4-choice item: its context runs once (one row), then four continuations from copies of its cache
+    loglikelihoods(model, CHARS, "hellaswag", [{"context": "A man is", "choices": ["a", "bb", "ccc", "dd"],
+                                                "label": 0}], "cpu")
+    assert shapes == [(1, len("A man is")), (4, 3)]
+    # Winogrande's contexts differ by option, so each is its own row; its shared suffix is continued from both
+    shapes.clear()
+    loglikelihoods(model, CHARS, "winogrande", [{"context": "It was _ so.", "choices": ["aa", "b"], "label": 0}],
+                   "cpu")
+    assert shapes == [(2, len("It was aa")), (2, len(" so.") - 1)]
+
+
 def test_the_split_follows_the_harness(tmp_path):
     gpt2 = get_tokenizer("gpt2")  # the context's trailing space moves onto the continuation, not a token of its own
     assert encode_pair(gpt2, "Answer: ", " grass") == (gpt2.encode("Answer:"), gpt2.encode("  grass"))
@@ -103,20 +118,29 @@ def test_the_split_follows_the_harness(tmp_path):
 
 class Oracle(nn.Module):
     """Knows the gold sequences: wherever the input so far is a prefix of one, it puts its mass on that sequence's next
-    token; elsewhere it is uniform."""
+    token; elsewhere it is uniform. It reads "the input so far" from the KV cache it is given: its one layer caches
+    token ids in place of keys, so that it sees the padding, context copies and continuations loglikelihoods makes."""
 
     def __init__(self, golds, vocab_size):
         super().__init__()
-        self.config = SimpleNamespace(block_size=512)
+        self.config = SimpleNamespace(block_size=512, n_layer=1)
         self.vocab_size = vocab_size
         self.next = {tuple(g[:t + 1]): g[t + 1] for g in golds for t in range(len(g) - 1)}
 
-    def forward(self, idx):
+    def forward(self, idx, kv_cache, pos):
         assert not self.training and not torch.is_grad_enabled()
-        logits = torch.zeros(*idx.shape, self.vocab_size)
-        for b, row in enumerate(idx.tolist()):
-            for t in range(len(row)):
-                nxt = self.next.get(tuple(row[:t + 1]))
+        B, T = idx.shape
+        ids, _ = kv_cache.layers[0].update(idx[..., None, None].double(), idx[..., None, None].double())
+        S = ids.size(1)
+        logits = torch.zeros(B, T, self.vocab_size)
+        for b in range(B):
+            for t in range(T):
+                slot = S - T + t
+                if not kv_cache.keep[b, slot]:
+                    continue  # left padding
+                prefix = tuple(int(i) for i, k in zip(ids[b, :slot + 1, 0, 0].tolist(), kv_cache.keep[b].tolist()) if k)
+                assert pos[b, t] == len(prefix) - 1  # positions count the tokens, not the padding
+                nxt = self.next.get(prefix)
                 if nxt is not None:
                     logits[b, t, nxt] = 30.0
         return logits, None
@@ -137,7 +161,8 @@ def test_a_model_that_knows_the_answers_scores_one():
     res = evaluate_tasks(model, CHARS, tasks, "cpu", batch_size=5)
     assert model.training  # restored
     for name in TASKS:
-        assert res[name]["acc"] == 1.0 and res[name].get("acc_norm", 1.0) == 1.0 and res[name]["centered"] == 1.0
+        assert res[name]["acc"] == 1.0 and res[name].get("acc_norm", 1.0) == 1.0 == res[name].get("acc_bytes", 1.0)
+        assert res[name]["centered"] == 1.0
         assert res[name]["n"] == len(tasks[name])
     assert ("acc_norm" in res["hellaswag"], "acc_norm" in res["winogrande"], "acc_norm" in res["lambada"]) == \
         (True, False, False)
@@ -149,7 +174,7 @@ class Bigram(nn.Module):
 
     def __init__(self, tok, table):
         super().__init__()
-        self.config = SimpleNamespace(block_size=64)
+        self.config = SimpleNamespace(block_size=64, n_layer=0)
         V = tok.vocab_size
         p = torch.zeros(V, V, dtype=torch.float64)
         for a in range(V):
@@ -160,7 +185,7 @@ class Bigram(nn.Module):
                 p[a, tok.encode(b)[0]] = q
         self.register_buffer("logp", p.log())
 
-    def forward(self, idx):
+    def forward(self, idx, kv_cache=None, pos=None):  # one token of context: nothing to cache
         return self.logp[idx], None
 
 
@@ -182,14 +207,14 @@ def test_acc_norm_divides_by_the_choice_length(choices, table, acc_norm):
     assert res["core"] == res["arc_easy"]["centered"] == pytest.approx((0 - 1 / 4) / (1 - 1 / 4))
 
 
-def test_acc_norm_counts_characters_not_bytes():
+def test_acc_norm_counts_characters_and_acc_bytes_bytes():
     # " \u00e9\u00e9": log .9 - 1.2 - 1.5 = -2.805 over 2 characters (4 UTF-8 bytes); " ff": -1.905 over 2. Per
-    # character "ff" wins as by sum (-0.95 > -1.40); per byte "\u00e9\u00e9" would (-0.70 > -0.95)
+    # character "ff" wins as by sum (-0.95 > -1.40); per byte "\u00e9\u00e9" does (-0.70 > -0.95)
     model = Bigram(CHARS, {"Q": {" ": .9}, " ": {"\u00e9": E(-1.2), "f": E(-.8)}, "\u00e9": {"\u00e9": E(-1.5)},
                            "f": {"f": E(-1)}})
     res = evaluate_tasks(model, CHARS, {"piqa": [{"context": "Q", "choices": ["\u00e9\u00e9", "ff"], "label": 1}]},
                          "cpu")
-    assert (res["piqa"]["acc"], res["piqa"]["acc_norm"]) == (1.0, 1.0)
+    assert (res["piqa"]["acc"], res["piqa"]["acc_norm"], res["piqa"]["acc_bytes"]) == (1.0, 1.0, 0.0)
 
 
 def test_winogrande_scores_the_suffix_only():
@@ -461,6 +486,10 @@ def test_the_loop_scores_tasks_as_the_tool_scores_its_checkpoint(tmp_path, capsy
     assert tool.keys() == final.keys()
     for name in ("arc_easy", "winogrande"):
         assert tool[name] == pytest.approx(final[name], abs=1e-9)
+    ckpt, = [p for p in out.iterdir() if p.name.startswith("ckpt_")]  # that checkpoint named on its own
+    eval_tool.main([f"--checkpoint={ckpt}", f"--data_dir={DATA}", "--tasks=arc_easy,winogrande", "--max_examples=3",
+                    "--seed=1337", "--device=cpu", f"--json={res}"])
+    assert json.loads(res.read_text())["results"] == tool
 
 
 def test_the_loop_refuses_unknown_tasks_before_training(tmp_path):

@@ -49,6 +49,30 @@ def test_cached_logits_match_full_forward(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_left_padded_prefixes_continued_several_ways(name):
+    # the cache engine/evals.py uses: prompts of different lengths left-padded into one prefill (with their own
+    # positions), then each row copied and continued; every row must equal its own sequence run alone
+    model = tiny(name)
+    prompts = [torch.randint(0, V, (n,)) for n in (9, 4, 6)]
+    L = max(len(p) for p in prompts)
+    idx, pos, keep = torch.zeros(3, L, dtype=torch.long), torch.zeros(3, L, dtype=torch.long), torch.ones(3, L + 5,
+                                                                                                      dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        idx[r, L - len(p):], pos[r, L - len(p):], keep[r, :L - len(p)] = p, torch.arange(len(p)), False
+    cache = KVCache(model.config.n_layer, L + 5, keep)
+    first, _ = model(idx, kv_cache=cache, pos=pos)
+    rows = torch.tensor([2, 0, 2, 1])  # a prompt continued twice, another not at all
+    cont = torch.randint(0, V, (4, 5))
+    cont_pos = torch.tensor([len(prompts[r]) for r in rows])[:, None] + torch.arange(5)
+    rest, _ = model(cont, kv_cache=cache.select(rows), pos=cont_pos)
+    for r, p in enumerate(prompts):
+        torch.testing.assert_close(first[r, L - len(p):], model(p[None])[0][0], atol=1e-5, rtol=1e-5)
+    for j, r in enumerate(rows.tolist()):
+        alone, _ = model(torch.cat([prompts[r], cont[j]])[None])
+        torch.testing.assert_close(rest[j], alone[0, len(prompts[r]):], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_cached_generation_equals_uncached(name):
     model = tiny(name)
     idx = torch.randint(0, V, (2, 6))

@@ -46,7 +46,7 @@ from engine.data.tokenizers import resolve_tokenizer
 from engine.evals import check_task, evaluate_tasks, load_task
 from engine.health import HealthMonitor, TrainingDiverged
 from engine.objectives import DPOTask, PretrainTask, SFTTask
-from engine.optim import lr_at, make_optimizer
+from engine.optim import describe, lr_at, make_optimizer
 from engine.rundir import claim
 from engine.runlog import (
     MFU_CONVENTION,
@@ -75,6 +75,7 @@ class Hardware:
     ctx: object  # the autocast context of that dtype (a null context for float32, and for FSDP's own casting)
     backend: str  # the attention backend resolved from attention_backend=auto or checked as asked
     backend_reason: str | None  # why, where auto chose
+    dtype_reason: str = "as configured"  # why this dtype, where dtype=auto chose
 
 
 def setup_device(cfg, d):
@@ -92,9 +93,9 @@ def setup_device(cfg, d):
         device = f"cuda:{d.local_rank}"
     if dev_type == "cuda" and torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))  # memory statistics and the RNG state then refer to this GPU
-    dtype = cfg.dtype
+    dtype, dtype_reason = cfg.dtype, "as configured"
     if dtype == "auto":
-        dtype = "bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        dtype, dtype_reason = auto_dtype(dev_type)
     if dtype == "float16" and dev_type != "cuda":
         raise ConfigError("dtype=float16 needs CUDA (autocast with a GradScaler); use --dtype=float32 on "
                           f"{dev_type}")
@@ -114,7 +115,33 @@ def setup_device(cfg, d):
         backend, reason = resolve_backend(cfg.attention_backend, dev_type, dtype)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
-    return Hardware(device, dev_type, dtype, ctx, backend, reason)
+    return Hardware(device, dev_type, dtype, ctx, backend, reason, dtype_reason)
+
+
+def cpu_bf16_isa():
+    """The instructions by which this CPU computes bfloat16 natively (AMX tiles, or AVX512-BF16), or None: without
+    them a bfloat16 matmul is emulated through float32 and runs slower than float32 itself. Read through torch's own
+    CPU feature checks (torch.cpu, private but present from torch 2.1 on)."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return None
+
+
+def auto_dtype(dev_type):
+    """(dtype, why) for dtype=auto: bfloat16 autocast where the device computes it natively, float32 elsewhere."""
+    if dev_type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: this GPU computes bfloat16"
+        return "float32", "auto: this GPU has no bfloat16; float16 needs dtype=float16 explicitly"
+    if dev_type == "cpu":
+        isa = cpu_bf16_isa()
+        if isa:
+            return "bfloat16", f"auto: this CPU computes bfloat16 natively ({isa}); autocast, float32 weights"
+        return "float32", ("auto: this CPU has neither AMX nor AVX512-BF16, so bfloat16 would be emulated and slower "
+                           "than float32")
+    return "float32", f"auto: float32 on {dev_type}"
 
 
 def check_layout(cfg, d):
@@ -378,7 +405,8 @@ def environment(cfg, d, hw, model, T, data_dir):
     return {
         "torch_version": torch.__version__, "python_version": platform.python_version(), "device": hw.device,
         "device_name": dev_name, "world_size": d.world_size, "dtype": hw.dtype, "attention_backend": hw.backend,
-        "attention_backend_reason": hw.backend_reason, "git_commit": commit, "git_dirty": dirty,
+        "attention_backend_reason": hw.backend_reason, "dtype_reason": hw.dtype_reason,
+        "git_commit": commit, "git_dirty": dirty,
         "mfu_convention": MFU_CONVENTION,
         "peak_flops": cfg.peak_flops if cfg.peak_flops is not None else (lookup_peak_flops(dev_name)
                                                                          if hw.type == "cuda" else None),
@@ -608,7 +636,7 @@ def train(job, prog, stop):
                 d.heartbeat.step = it + 1
             lr = lr_at(it, cfg)
             for group in job.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_ratio"]  # Muon's groups keep their own peak (engine/optim.py)
             t_data = time.time()
             micro = [next(batches) for _ in range(job.local_ga)]
             data_wait = time.time() - t_data  # host time spent waiting for batches: near 0 while prefetch keeps up
@@ -821,8 +849,9 @@ def run(cfg, d, log, stop=None):
     if isinstance(task, DPOTask):
         task.reference(owner, model, hw.device, hw.ctx, hw.dtype, log=log,
                        saved_key=start.meta.get("reference_key") if start.kind == "resume" else None)
-    optimizer = make_optimizer(owner, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), hw.type,
-                               zero1=cfg.use_zero1)
+    optimizer = make_optimizer(owner, cfg, hw.type)
+    if describe(owner, optimizer):
+        log(describe(owner, optimizer))
     scaler = torch.amp.GradScaler(hw.type, enabled=hw.dtype == "float16")
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks
     start, start_iter, best_val = restore(start, cfg, d, hw, owner, optimizer, scaler, T, log)
@@ -838,6 +867,7 @@ def run(cfg, d, log, stop=None):
         "DataLoader: off; batches come from a prefetch thread, two steps ahead")
     if tok:
         log(f"tokenizer: {tok.name} ({tok.source})")
+    log(f"Precision: {hw.dtype} ({hw.dtype_reason})")
     log(f"{env['tokens_per_iter']:,} tokens per iteration on {d.world_size} x {env['device_name']} in {hw.dtype} "
         f"({env['parallelism']})")
     runlog = open_run_log(cfg, d, resolved, env, mc, start, log)

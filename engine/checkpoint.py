@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from engine.distributed import all_gather_objects, barrier, rank, world_size
+from engine.optim import parts
 
 PATTERN = re.compile(r"ckpt_(\d+)$")
 META = "meta.pt"
@@ -429,18 +430,21 @@ def _name(n):
 
 
 def state_tensors(owner, optimizer):
-    """{"model": {name: tensor}, "optim": {name: {exp_avg, exp_avg_sq, step}}} of this rank (shards under FSDP,
-    the owned partition under ZeRO-1)."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    """{"model": {name: tensor}, "optim": {name: {exp_avg, exp_avg_sq, step} or {momentum_buffer}}} of this rank
+    (shards under FSDP, the owned partition under ZeRO-1). With several optimizers (Muon and AdamW) each parameter's
+    state comes from the one that holds it."""
+    opts = parts(optimizer)
+    if isinstance(opts[0], ZeroRedundancyOptimizer):
         names = {p: _name(n) for n, p in owner.named_parameters()}
-        optim = {names[p]: s for p, s in optimizer.optim.state.items()}
+        optim = {names[p]: s for o in opts for p, s in o.optim.state.items()}
         return {"model": get_model_state_dict(owner), "optim": optim}
-    msd, osd = get_state_dict(owner, optimizer)
+    msd, osd = get_state_dict(owner, opts)
     return {"model": msd, "optim": osd["state"]}
 
 
 def init_optimizer_state(optimizer):
-    """Create AdamW's state tensors with a step at learning rate zero, so a checkpoint can be loaded into them."""
+    """Create the optimizers' state tensors with a step at learning rate zero, so a checkpoint can be loaded into
+    them."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     lrs = [g["lr"] for g in optimizer.param_groups]
     for g in optimizer.param_groups:
@@ -482,9 +486,10 @@ def load_state(path, owner, optimizer):
     target = state_tensors(owner, optimizer)
     check_model_keys(path, target["model"])
     load_tensors(path, target)
-    if isinstance(optimizer, ZeroRedundancyOptimizer):  # the optimizer's own tensors were filled in place
+    opts = parts(optimizer)
+    if isinstance(opts[0], ZeroRedundancyOptimizer):  # the optimizers' own tensors were filled in place
         set_model_state_dict(owner, target["model"])
         return
-    _, osd = get_state_dict(owner, optimizer)
-    set_state_dict(owner, optimizer, model_state_dict=target["model"],
+    _, osd = get_state_dict(owner, opts)
+    set_state_dict(owner, opts, model_state_dict=target["model"],
                    optim_state_dict={"state": target["optim"], "param_groups": osd["param_groups"]})

@@ -62,7 +62,8 @@ class TrainConfig:
     block_size: int | None = key(None, "sequence length; None: the model's block_size")
     # numerics and speed
     device: str = key("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = key("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 elsewhere)")
+    dtype: str = key("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 autocast on CUDA and on CPUs with "
+                                 "AMX or AVX512-BF16, float32 elsewhere)")
     compile: bool = key(False, "torch.compile the model")
     attention_backend: str = key("auto", "auto | manual | sdpa | flash_attn_2")
     flash_attn: bool | None = key(None, "the older spelling: True means attention_backend=flash_attn_2, False sdpa")
@@ -90,6 +91,10 @@ class TrainConfig:
     lr_decay_iters: int | None = key(None, "step at which decay reaches min_lr; None: max_iters")
     lr_schedule: str = key("cosine", "cosine | linear | constant | wsd (warmup-stable-decay)")
     wsd_decay_ratio: float = key(0.2, "wsd: fraction of lr_decay_iters spent in the final linear decay")
+    optimizer: str = key("adamw", "adamw | muon (torch.optim.Muon on the blocks' 2-D weights, AdamW on the rest)")
+    muon_lr: float = key(0.02, "optimizer=muon: Muon's peak learning rate (the schedule scales it as learning_rate)")
+    muon_momentum: float = key(0.95, "optimizer=muon: Muon's momentum (Nesterov)")
+    muon_weight_decay: float = key(0.0, "optimizer=muon: Muon's decoupled weight decay on the block matrices")
     weight_decay: float = key(0.1, "AdamW decay on matrices and embeddings (never on norms and biases)")
     beta1: float = key(0.9, "AdamW beta1")
     beta2: float = key(0.95, "AdamW beta2")
@@ -124,7 +129,8 @@ CHOICES = {"init_from": None, "objective": ("pretrain", "sft", "dpo"), "device":
            "dpo_loss_type": ("sigmoid", "dpo_norm"),
            "dtype": ("auto", "float32", "bfloat16", "float16"),
            "attention_backend": ("auto", "manual", "sdpa", "flash_attn_2"),
-           "lr_schedule": ("cosine", "linear", "constant", "wsd")}
+           "lr_schedule": ("cosine", "linear", "constant", "wsd"),
+           "optimizer": ("adamw", "muon")}
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
@@ -137,9 +143,9 @@ RANGES = {
                      "log_interval", "batch_size",
                      "gradient_accumulation_steps", "block_size", "max_seq_length", "max_examples", "n_layer", "n_head",
                      "n_kv_head", "n_embd", "head_dim", "intermediate_size", "vocab_size"), AT_LEAST_1),
-    **dict.fromkeys(("learning_rate", "num_train_epochs", "dpo_beta", "peak_flops", "norm_eps", "rope_theta",
+    **dict.fromkeys(("learning_rate", "muon_lr", "num_train_epochs", "dpo_beta", "peak_flops", "norm_eps", "rope_theta",
                      "rope_scaling_factor"), POSITIVE),
-    **dict.fromkeys(("val_fraction", "warmup_ratio", "beta1", "beta2", "dropout"), FRACTION),
+    **dict.fromkeys(("val_fraction", "warmup_ratio", "beta1", "beta2", "dropout", "muon_momentum"), FRACTION),
     "wsd_decay_ratio": ("in (0, 1]", lambda v: 0 < v <= 1),
     "dpo_label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
     "seed": ("in [0, 2**63)", lambda v: 0 <= v < 2 ** 63),  # numpy seeds only non-negative integers
@@ -267,6 +273,10 @@ def validate(cfg):
     check_numbers(cfg)
     if cfg.use_zero1 and cfg.use_fsdp:
         raise ConfigError("use_zero1 and use_fsdp are exclusive: FSDP already shards optimizer state")
+    if cfg.optimizer == "muon" and cfg.use_fsdp:
+        raise ConfigError("optimizer=muon needs each block matrix whole to orthogonalise its update, and FSDP shards "
+                          "them across ranks; use DDP (the default under torchrun) or use_zero1=True, which shards "
+                          "Muon's state by whole matrices")
     if cfg.use_cuda_graphs and cfg.use_fsdp:
         raise ConfigError("use_cuda_graphs cannot capture FSDP's collectives; use it with DDP, ZeRO-1 or one GPU")
     if cfg.use_cuda_graphs and cfg.objective != "pretrain":

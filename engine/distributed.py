@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from engine.optim import parts
+
 
 @dataclass
 class Dist:
@@ -272,5 +274,6 @@ def local_bytes(tensors):
 
 
 def optimizer_state_bytes(optimizer):
-    opt = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
-    return local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    opts = [o.optim if isinstance(o, ZeroRedundancyOptimizer) else o for o in parts(optimizer)]
+    return local_bytes(v for o in opts for s in o.state.values() for v in s.values()
+                       if torch.is_tensor(v) and v.dim() > 0)

@@ -25,8 +25,8 @@ from engine.objectives import DPOTask
 from model import GPT
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
-        "--device=cpu", "--max_iters=2", "--eval_interval=2", "--log_interval=1", "--gradient_log_interval=0"]
-CHAT = ["--tokenizer=gpt2", "--device=cpu", "--preset=tiny_gpt2", "--block_size=64", "--max_seq_length=64",
+        "--device=cpu", "--dtype=float32", "--max_iters=2", "--eval_interval=2", "--log_interval=1", "--gradient_log_interval=0"]
+CHAT = ["--tokenizer=gpt2", "--device=cpu", "--dtype=float32", "--preset=tiny_gpt2", "--block_size=64", "--max_seq_length=64",
         "--batch_size=4", "--eval_iters=1", "--max_iters=2", "--eval_interval=2", "--log_interval=1",
         "--gradient_log_interval=0"]
 

@@ -126,3 +126,44 @@ def test_loss_memory_bench_on_cpu():
     assert ours < plain / 4
     assert abs(ours_loss - plain_loss) < 1e-5
     assert lines[-2].startswith("| plain |") and lines[-1].startswith("| chunked 32 |")
+
+
+def test_gpu_check_dry_run_lists_commands_that_parse():
+    import os
+    import shlex
+    import subprocess
+
+    from conftest import ROOT
+
+    from engine.config import FIELDS
+
+    res = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    heads, cmds = lines[0::2], lines[1::2]
+    limits = [int(h.rsplit("at most ", 1)[1].rstrip("s)")) for h in heads]
+    assert sum(limits) <= 9 * 60  # the whole within 9 minutes
+    names = " ".join(heads)
+    for owed in ("gpu tests", "backends x compile", "CUDA graphs", "batch finder", "1.5B step", "loss memory",
+                 "muon"):
+        assert owed in names
+    own = {"--warmup", "--iters", "--repeats", "--threads", "--memory_limit_gb", "--max_batch"}
+    for cmd in cmds:
+        argv = shlex.split(cmd)
+        if argv[1] != "tools/bench.py" and argv[1] != "tools/find_batch_size.py":
+            assert argv[1] in ("-c", "-m") or os.path.exists(os.path.join(ROOT, argv[1])), cmd
+            continue
+        rest, compare = [], []
+        for a in argv[2:]:
+            if a == "--compare" or compare and "=" in a and not a.startswith("--"):
+                compare.append(a)
+            elif a.split("=")[0] not in own:
+                rest.append(a)
+        parse_args(rest)  # train.py's keys and values, as the tool will read them
+        for pair in compare[1:]:  # --compare key=a,b: each value a valid setting of that key
+            key, values = pair.split("=")
+            assert key in FIELDS, cmd
+            for v in values.split(","):
+                parse_args([*rest, f"--{key}={v}"])
+    assert subprocess.run(["bash", "scripts/gpu_check.sh", "--bogus"], cwd=ROOT, capture_output=True).returncode == 2

@@ -121,7 +121,7 @@ def prepared(tmp_path, tokenizer, docs=DOCS):
 
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=3",
-        "--warmup_iters=2", "--learning_rate=1e-2", "--device=cpu"]
+        "--warmup_iters=2", "--learning_rate=1e-2", "--device=cpu", "--dtype=float32"]
 
 
 def run(data, out, *extra):

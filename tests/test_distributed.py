@@ -14,7 +14,7 @@ from test_reliability import ckpt_iters, wait_for
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--eval_iters=2",
-        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--log_interval=1",
+        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--dtype=float32", "--log_interval=1",
         "--gradient_accumulation_steps=4", "--lr_decay_iters=10", "--gradient_log_interval=0"]
 
 

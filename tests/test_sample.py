@@ -209,7 +209,7 @@ def char_run(tmp_path):
 
 
 def run_sample(capsys, *args):
-    sample.main([*args, "--device=cpu"])
+    sample.main([*args, "--device=cpu", "--dtype=float32"])
     return capsys.readouterr().out
 
 
@@ -260,7 +260,7 @@ def test_sample_script_decodes_with_the_tokenizer_file_the_run_trained_with(tmp_
     save_checkpoint({"model": model.state_dict()}, {"iter_num": 1, "model_config": model.config.to_dict(),
                                                     "config": config}, str(tmp_path / "out"), 1)
     sample.main([f"--out_dir={tmp_path / 'out'}", "--prompt=To be", "--temperature=0", "--max_new_tokens=12",
-                 "--device=cpu"])
+                 "--device=cpu", "--dtype=float32"])
     text, err = capsys.readouterr()
     assert "tokenizer llama2 (from the checkpoint's config)" in err
     x = torch.tensor([sp.encode("To be")])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from engine.config import parse_args
 from engine.objectives import PretrainTask
+from engine.config import TrainConfig
 from engine.optim import make_optimizer
 from engine.step import forward_backward, optimizer_step
 from model import GPT, ModelConfig
@@ -41,7 +42,7 @@ def batches(seed=0):
 def model_and_optimizer():
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=64, dropout=0.0))
-    return model, make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    return model, make_optimizer(model, TrainConfig(learning_rate=1e-3), "cpu")
 
 
 def test_the_step_is_the_token_weighted_mean_over_micro_batches():

@@ -39,7 +39,7 @@ from engine import distributed as D
 from engine.config import ConfigError, parse_args
 from engine.data.bins import DataError, TokenDataset, resolve_dataset_dir
 from engine.objectives import PretrainTask
-from engine.optim import make_optimizer
+from engine.optim import adamw, decay_groups, make_optimizer, parts
 from engine.runlog import device_name, lookup_peak_flops, mfu
 from engine.step import forward_backward, optimizer_step
 from model import GPT
@@ -82,8 +82,7 @@ class Run:
         self.tokens = self.B * self.T * self.ga
         self.flops_per_token = self.model.flops_per_token(self.T)
         self.forward, self.owner = D.parallelize(self.model, cfg, D.Dist(), self.dev_type, self.dtype)
-        self.optimizer = make_optimizer(self.owner, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                        self.dev_type)
+        self.optimizer = make_optimizer(self.owner, cfg, self.dev_type)
         self.scaler = torch.amp.GradScaler(self.dev_type, enabled=self.dtype == "float16")
         self.task = RandomTokens()
         ids = torch.randint(0, mc.vocab_size, (self.B, self.T + 1), device=self.device)
@@ -106,8 +105,8 @@ class HFRun:
         hc = GPT2Config(vocab_size=mc.vocab_size, n_positions=mc.block_size, n_embd=mc.n_embd, n_layer=mc.n_layer,
                         n_head=mc.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
         self.model = GPT2LMHeadModel._from_config(hc, attn_implementation=attn_implementation)
-        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                        "cpu")
+        self.optimizer = adamw(decay_groups(list(self.model.parameters()), cfg.weight_decay), cfg.learning_rate,
+                               (cfg.beta1, cfg.beta2), "cpu")
         self.grad_clip = cfg.grad_clip or float("inf")
         self.x = ours.x  # transformers shifts the labels itself: loss over T-1 positions of the same forward
         self.tokens, self.flops_per_token = ours.tokens, ours.flops_per_token
@@ -162,7 +161,7 @@ def tensor_bytes(tensors):
 
 def resident_bytes(run):
     """Parameters and optimizer state: what stays allocated between steps (gradients are freed each step)."""
-    state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    state = [v for o in parts(run.optimizer) for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
     return tensor_bytes(run.owner.parameters()) + tensor_bytes(state)
 
 

@@ -26,6 +26,7 @@ from engine.data.tokenizers import resolve_tokenizer
 from engine.distributed import cleanup, init_distributed
 from engine.evals import TASKS, check_task, evaluate_tasks, load_task
 from tools import sample
+from train import auto_dtype
 
 
 def load_model(args):
@@ -56,7 +57,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
+                   help="autocast dtype (auto: as train.py's, bfloat16 where the device computes it natively)")
     p.add_argument("--tokenizer", help="gpt2 | llama2 | llama3 | qwen3 | hf:<dir> | a dataset name or folder")
     p.add_argument("--tokenizer_path", help="your own tokenizer file, or a folder holding it, for --tokenizer")
     p.add_argument("--json", help="write the results to this file")
@@ -89,7 +90,7 @@ def main(argv=None):
     d = init_distributed(dev_type)
     if d.world_size > 1 and dev_type == "cuda":
         device = f"cuda:{d.local_rank}"
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if dev_type == "cuda" else "float32"
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(dev_type)[0]
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=getattr(torch, dtype))
     try:
         model, saved, where = load_model(args)

@@ -25,6 +25,7 @@ from engine.data.chat import chat_prompt
 from engine.data.tokenizers import resolve_tokenizer
 from engine.generate import generate
 from model import GPT, ModelConfig
+from train import auto_dtype
 
 
 def load_model(args):
@@ -72,7 +73,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
+                   help="autocast dtype (auto: as train.py's, bfloat16 where the device computes it natively)")
     p.add_argument("--tokenizer", help="gpt2 | llama2 | llama3 | qwen3 | hf:<dir> | a dataset name or folder")
     p.add_argument("--tokenizer_path", help="your own tokenizer file, or a folder holding it, for --tokenizer")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole context every step")
@@ -91,7 +92,7 @@ def main(argv=None):
 
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     dev_type = torch.device(device).type
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if dev_type == "cuda" else "float32"
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(dev_type)[0]
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=getattr(torch, dtype))
     try:
         model, saved, where = load_model(args)

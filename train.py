@@ -46,7 +46,7 @@ from engine.data.tokenizers import resolve_tokenizer
 from engine.evals import check_task, evaluate_tasks, load_task
 from engine.health import HealthMonitor, TrainingDiverged
 from engine.objectives import DPOTask, PretrainTask, SFTTask
-from engine.optim import describe, lr_at, make_optimizer
+from engine.optim import describe, lr_at, make_optimizer, muon_names
 from engine.rundir import claim
 from engine.runlog import (
     MFU_CONVENTION,
@@ -272,16 +272,16 @@ def check_memory(cfg, model, T, device, dtype, d, available=None):
     on `device`, against what is free there (`available`, else free_memory; the least over the ranks, so that all
     decide alike). Returns the bound.
 
-    Counted: float32 gradients and AdamW's two moments, sharded as ZeRO-1 and FSDP shard them (less the full
-    parameters FSDP frees); per micro-batch, in the compute dtype, the inputs the linear layers keep for backward
-    (qkv, output projection and both MLP layers of every block, and the head; with activation_checkpointing each
-    block's input and one block's recompute) and manual attention's probabilities; the loss's float32 logits (one
-    chunk's with loss_chunk_size; DPO's in the compute dtype); the int64 ids and labels of all the step's
-    micro-batches, which it takes at once. eval_only counts the logits alone. Ranks on one host share its RAM. Left
-    out, so that the true need is higher: what attention kernels, norms, activations and dropout keep; the logits'
-    gradient; cast copies of weights; DDP's buckets and FSDP's gathered parameters; batches prefetched ahead,
-    allocator overhead and the CUDA context. SFT and DPO pad a batch only to its longest row, unknown before the
-    data is read, so their rows count one token each.
+    Counted: float32 gradients and AdamW's two moments (Muon's one, for its matrices), sharded as ZeRO-1 and FSDP
+    shard them (less the full parameters FSDP frees); per micro-batch, in the compute dtype, the inputs the linear
+    layers keep for backward (qkv, output projection and both MLP layers of every block, and the head; with
+    activation_checkpointing each block's input and one block's recompute) and manual attention's probabilities; the
+    loss's float32 logits (one chunk's with loss_chunk_size; DPO's in the compute dtype); the int64 ids and labels
+    of all the step's micro-batches, which it takes at once. eval_only counts the logits alone. Ranks on one host
+    share its RAM. Left out, so that the true need is higher: what attention kernels, norms, activations and dropout
+    keep; the logits' gradient; cast copies of weights; DDP's buckets and FSDP's gathered parameters; batches
+    prefetched ahead, allocator overhead and the CUDA context. SFT and DPO pad a batch only to its longest row,
+    unknown before the data is read, so their rows count one token each.
     """
     mc, P = model.config, sum(p.numel() for p in model.parameters())
     rows = cfg.batch_size * (2 if cfg.objective == "dpo" else 1)  # DPO: chosen and rejected in one forward
@@ -289,7 +289,10 @@ def check_memory(cfg, model, T, device, dtype, d, available=None):
     n = rows * L  # tokens of one micro-batch
     act = 4 if dtype == "float32" else 2
     w = d.world_size
-    state = max(0, P * (16 - 4 * w) // w) if cfg.use_fsdp else P * 4 + P * 8 // (w if cfg.use_zero1 else 1)
+    # optimizer state: AdamW's two float32 moments; Muon's one momentum on the block matrices (never under FSDP)
+    muon = set(muon_names(model)) if cfg.optimizer == "muon" else set()
+    opt = 8 * P - 4 * sum(p.numel() for n, p in model.named_parameters() if n in muon)
+    state = max(0, P * (16 - 4 * w) // w) if cfg.use_fsdp else P * 4 + opt // (w if cfg.use_zero1 else 1)
     # per token and block; manual attention also keeps each head's row of (T, T) probabilities
     block = 2 * mc.n_embd + mc.n_head * mc.head_dim + mc.intermediate_size + (
         mc.n_head * L if mc.attention_backend == "manual" else 0)
@@ -651,9 +654,13 @@ def train(job, prog, stop):
             check_health(job, prog, iter_num, step)
             if cfg.gradient_log_interval and iter_num % cfg.gradient_log_interval == 0:
                 job.record("gradient_norms", {"iter": iter_num, "norms": grad_norms_by_layer(job.owner, groups)})
+            if prog.per_rank is None:  # the gradients, while they exist
+                grads = D.all_gather_objects(D.local_bytes(p.grad for p in job.owner.parameters()
+                                                           if p.grad is not None))
             optimizer_step(job.optimizer, job.scaler)
             if prog.per_rank is None:  # after the first step, when the optimizer state exists
                 prog.per_rank = {"param_bytes": D.all_gather_objects(D.local_bytes(job.owner.parameters())),
+                                 "grad_bytes": grads,
                                  "optimizer_state_bytes": D.all_gather_objects(D.optimizer_state_bytes(job.optimizer))}
                 D.set_timeout(cfg.dist_timeout_minutes)  # start-up and first compilation are behind us
             dt = time.time() - t0

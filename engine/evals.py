@@ -238,9 +238,9 @@ def loglikelihoods(model, tok, name, items, device, ctx=None, batch_size=16):
             sel = torch.tensor([where[c] for c, _ in rows], device=device)
             rest, _ = model(cont.to(device), kv_cache=cache.select(sel), pos=cont_pos.to(device))  # (N, W, V)
         out = []
-        for j, (_, x) in enumerate(rows):
+        for j, (c, x) in enumerate(rows):
             # a context's last position predicts its continuation's first token, continuation token t the next
-            logits = torch.cat([first[sel[j], -1:], rest[j, :len(x) - 1]])
+            logits = torch.cat([first[where[c], -1:], rest[j, :len(x) - 1]])
             logp = logits.float().log_softmax(-1)
             target = torch.tensor(x, device=logp.device)
             out.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))

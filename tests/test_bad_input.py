@@ -25,8 +25,10 @@ from engine.objectives import DPOTask
 from model import GPT
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
-        "--device=cpu", "--dtype=float32", "--max_iters=2", "--eval_interval=2", "--log_interval=1", "--gradient_log_interval=0"]
-CHAT = ["--tokenizer=gpt2", "--device=cpu", "--dtype=float32", "--preset=tiny_gpt2", "--block_size=64", "--max_seq_length=64",
+        "--device=cpu", "--dtype=float32", "--max_iters=2", "--eval_interval=2", "--log_interval=1",
+        "--gradient_log_interval=0"]
+CHAT = ["--tokenizer=gpt2", "--device=cpu", "--dtype=float32", "--preset=tiny_gpt2", "--block_size=64",
+        "--max_seq_length=64",
         "--batch_size=4", "--eval_iters=1", "--max_iters=2", "--eval_interval=2", "--log_interval=1",
         "--gradient_log_interval=0"]
 
@@ -222,6 +224,7 @@ def test_a_step_too_large_for_the_machine_is_refused_at_start(data, tmp_path, ca
     ["--preset=tiny_llama3", "--vocab_size=512", "--dtype=bfloat16"],
     ["--preset=tiny_qwen3", "--vocab_size=512", "--activation_checkpointing=True", "--loss_chunk_size=16"],
     ["--block_size=128", "--n_layer=6", "--activation_checkpointing=True", "--attention_backend=manual"],
+    ["--preset=tiny_llama3", "--vocab_size=512", "--optimizer=muon"],
 ])
 def test_memory_estimate_is_a_lower_bound_of_a_real_step(extra):
     """Against tools/bench.py's count of the tensor bytes a real CPU step allocates (parameters, optimizer state,

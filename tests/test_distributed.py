@@ -14,8 +14,8 @@ from test_reliability import ckpt_iters, wait_for
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--eval_iters=2",
-        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--dtype=float32", "--log_interval=1",
-        "--gradient_accumulation_steps=4", "--lr_decay_iters=10", "--gradient_log_interval=0"]
+        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--dtype=float32",
+        "--log_interval=1", "--gradient_accumulation_steps=4", "--lr_decay_iters=10", "--gradient_log_interval=0"]
 
 
 def launch(nproc, out_dir, dataset, *extra, script="train.py", timeout=240):
@@ -69,6 +69,26 @@ def test_two_ranks_match_one_process(data, reference, tmp_path, mode):
         assert all(0.3 < r < 0.7 for r in opt_ratio) and abs(sum(opt_ratio) - 1) < 0.05
     if mode == "fsdp":
         assert all(0.4 < r < 0.6 for r in param_ratio)
+    # engine/plan.py's per-rank state, worked out from shapes alone, is what each rank held
+    for ranks, (m, w) in ((mine, (mode, 2)), (single, ("ddp", 1))):
+        want = plan_state(data, flags, m, w)
+        assert [x["params"] for x in want] == ranks["param_bytes"], (m, w)
+        assert [x["grads"] for x in want] == ranks["grad_bytes"], (m, w)
+        assert [x["optimizer"] for x in want] == ranks["optimizer_state_bytes"], (m, w)
+
+
+def plan_state(data, flags, mode, world, *extra):
+    import torch
+
+    import train
+    from engine.config import parse_args
+    from engine.plan import state_bytes
+    from model import GPT
+
+    cfg = parse_args(ARGS + [f"--dataset={data}", *flags, *extra])
+    with torch.device("meta"):
+        model = GPT(train.model_config(cfg, 61, "sdpa"))
+    return state_bytes(model, mode, world, cfg.optimizer)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero1", "fsdp"])

@@ -293,8 +293,8 @@ def test_tool_matches_transformers(family, tmp_path, capsys):
     ref = ref.double().eval()
 
     out = tmp_path / "res.json"
-    eval_tool.main([f"--init_from={hf}", f"--data_dir={data}", f"--tasks={','.join(names)}", "--device=cpu", "--dtype=float32",
-                    "--batch_size=3", f"--json={out}"])
+    eval_tool.main([f"--init_from={hf}", f"--data_dir={data}", f"--tasks={','.join(names)}", "--device=cpu",
+                    "--dtype=float32", "--batch_size=3", f"--json={out}"])
     assert "| arc_easy | 6 |" in capsys.readouterr().out
     got = json.loads(out.read_text())["results"]
 
@@ -466,7 +466,8 @@ def test_the_loop_scores_tasks_as_the_tool_scores_its_checkpoint(tmp_path, capsy
     out = tmp_path / "out"
     lines = []
     train.main(parse_args([
-        f"--dataset={data}", f"--out_dir={out}", "--tokenizer=gpt2", "--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2",
+        f"--dataset={data}", f"--out_dir={out}", "--tokenizer=gpt2", "--device=cpu", "--dtype=float32",
+        "--n_layer=1", "--n_head=2",
         "--n_embd=32", "--block_size=64", "--batch_size=2", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
         "--log_interval=1", "--eval_tasks=arc_easy, winogrande", f"--eval_tasks_dir={DATA}",
         "--eval_tasks_interval=2", "--eval_tasks_max_examples=3"]), log=lines.append)
@@ -501,5 +502,6 @@ def test_the_loop_refuses_unknown_tasks_before_training(tmp_path):
     data = write_dataset(str(tmp_path / "data"), vocab_size=50257)
     with pytest.raises(ConfigError, match="unknown task 'hellaswg'; did you mean hellaswag"):
         train.main(parse_args([f"--dataset={data}", f"--out_dir={tmp_path / 'o'}", "--tokenizer=gpt2",
-                               "--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64",
+                               "--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                               "--block_size=64",
                                "--eval_tasks=hellaswg"]), log=lambda *a: None)

@@ -24,7 +24,8 @@ from engine.data.tokenizers import get_tokenizer
 from engine.objectives import DPOTask
 from model import GPT, ModelConfig
 
-SFT = ["--objective=sft", "--tokenizer=gpt2", "--device=cpu", "--dtype=float32", "--preset=tiny_gpt2", "--block_size=64",
+SFT = ["--objective=sft", "--tokenizer=gpt2", "--device=cpu", "--dtype=float32", "--preset=tiny_gpt2",
+       "--block_size=64",
        "--max_seq_length=64", "--batch_size=8", "--learning_rate=2e-3", "--min_lr=2e-4", "--warmup_iters=2",
        "--eval_iters=2", "--log_interval=1", "--gradient_log_interval=0", "--val_fraction=0.05"]
 
@@ -118,8 +119,9 @@ def test_dpo_learns_the_rule_without_running_the_reference(chat, tmp_path, monke
         return real_forward(self, *a, **k)
 
     monkeypatch.setattr(GPT, "forward", counted)
-    dpo = ["--objective=dpo", f"--dataset={chat / 'dpo.jsonl'}", f"--init_from={sft_dir}", "--device=cpu", "--dtype=float32",
-           "--max_seq_length=64", "--batch_size=8", "--learning_rate=5e-4", "--min_lr=0", "--warmup_iters=2",
+    dpo = ["--objective=dpo", f"--dataset={chat / 'dpo.jsonl'}", f"--init_from={sft_dir}", "--device=cpu",
+           "--dtype=float32", "--max_seq_length=64", "--batch_size=8", "--learning_rate=5e-4", "--min_lr=0",
+           "--warmup_iters=2",
            "--eval_iters=4", "--log_interval=1", "--gradient_log_interval=0", "--dpo_beta=0.1",
            "--val_fraction=0.1", "--max_iters=40", "--eval_interval=40"]
     train.main(parse_args(dpo + [f"--out_dir={tmp_path / 'dpo'}"]), log=lambda *a: None)
@@ -165,8 +167,9 @@ def test_post_training_on_two_ranks(chat, tmp_path, objective, mode):
         sft_dir = tmp_path / "sft"
         train.main(parse_args(SFT + [f"--dataset={chat / 'sft.jsonl'}", f"--out_dir={sft_dir}", "--max_iters=2",
                                      "--eval_interval=2"]), log=lambda *a: None)
-        args = ["--objective=dpo", f"--dataset={chat / 'dpo.jsonl'}", f"--init_from={sft_dir}", "--device=cpu", "--dtype=float32",
-                "--max_seq_length=64", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
+        args = ["--objective=dpo", f"--dataset={chat / 'dpo.jsonl'}", f"--init_from={sft_dir}", "--device=cpu",
+                "--dtype=float32", "--max_seq_length=64", "--batch_size=4", "--eval_iters=2",
+                "--log_interval=1",
                 "--gradient_log_interval=0", "--warmup_iters=1"]
     args += ["--gradient_accumulation_steps=2", "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=4"]
     single = tmp_path / "one"
@@ -208,7 +211,8 @@ def test_sft_from_a_transformers_dir_exports_back(chat, tmp_path):
     base.save_pretrained(src)
     out = tmp_path / "sft"
     train.main(parse_args(["--objective=sft", f"--dataset={chat / 'sft.jsonl'}", f"--init_from={src}",
-                           f"--out_dir={out}", "--device=cpu", "--dtype=float32", "--max_seq_length=64", "--batch_size=4",
+                           f"--out_dir={out}", "--device=cpu", "--dtype=float32", "--max_seq_length=64",
+                           "--batch_size=4",
                            "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--gradient_log_interval=0",
                            "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=1"]), log=lambda *a: None)
     state = load_checkpoint(list_checkpoints(out)[-1])

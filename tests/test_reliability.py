@@ -25,7 +25,8 @@ from engine.config import FIELDS, ConfigError, parse_args
 from engine.data.bins import DataError
 
 ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
-        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--dtype=float32", "--log_interval=1",
+        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--dtype=float32",
+        "--log_interval=1",
         "--max_iters=40", "--lr_decay_iters=40", "--eval_interval=4", "--gradient_log_interval=0"]
 
 

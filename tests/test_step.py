@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import parse_args
+from engine.config import TrainConfig, parse_args
 from engine.objectives import PretrainTask
-from engine.config import TrainConfig
 from engine.optim import make_optimizer
 from engine.step import forward_backward, optimizer_step
 from model import GPT, ModelConfig

@@ -17,7 +17,8 @@ from engine.objectives import PretrainTask
 from model import GPT, ModelConfig
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
-        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--dtype=float32", "--log_interval=1"]
+        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--dtype=float32",
+        "--log_interval=1"]
 
 
 def run(dataset, out_dir, *extra, log=lambda *a: None):
@@ -369,3 +370,15 @@ def test_bf16_cpu_run_tracks_the_float32_run(dataset, tmp_path):
     assert all(t.dtype == torch.float32 for t in state["model"].values())  # float32 master weights
     doc = json.load(open(runs["bfloat16"]["run_log"]))
     assert doc["environment"]["dtype"] == "bfloat16" and doc["environment"]["dtype_reason"] == "as configured"
+
+
+def test_the_demo_config_learns(dataset, tmp_path):
+    # the README's main job with its own settings (schedule, optimizer, shape), on the synthetic stream and cut short;
+    # float32, so the check is the same on every CPU
+    cfg = parse_args([os.path.join(ROOT, "config", "train_shakespeare_char.py"), f"--dataset={dataset}",
+                      f"--out_dir={tmp_path / 'o'}", "--dtype=float32", "--max_iters=60", "--eval_interval=60",
+                      "--eval_iters=2", "--gradient_log_interval=0"])
+    res = train.main(cfg, log=lambda *a: None)
+    evals = json.load(open(res["run_log"]))["evals"]
+    assert [e["iter"] for e in evals] == [0, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5, evals

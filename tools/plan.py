@@ -1,0 +1,187 @@
+"""Will it fit, how fast, how long: per-GPU memory of a train.py config in every mode, and its throughput and time.
+
+    python tools/plan.py config/full_llama3_1.5b_optimal.py --gpus=8 --gpu=H100
+    python tools/plan.py config/full_llama3_2.2b_chinchilla.py --gpus=8 --gpu=H100 --use_zero1=True --batch_size=4
+    python tools/plan.py config/full_qwen3_1.8b_optimal.py --gpus=8 --gpu=B200 --tokens=85B --mfu=0.45 --json
+
+Takes train.py's config file and --key=value settings, plus:
+  --gpus=N            ranks of the job (default 1)
+  --gpu=NAME          a GPU of the peak table (A100-40GB, A100, H100, H100 PCIe, H200, B200, ...): its memory and peak
+  --gpu_memory_gb=X   or the memory per GPU directly (GB of 1e9 bytes)
+  --margin=F          memory kept free when finding the largest batch (default 0.1)
+  --mfu=F             the MFU to assume for throughput (default 0.45), or
+  --from_run=LOG      the mean MFU of a run log (its summary's mean_mfu)
+  --tokens=N          a token budget (85B, 44e9, ...), or
+  --chinchilla        20 tokens per parameter (tools/scaling_law.py's rule)
+  --json              print the same as JSON
+Nothing is allocated and no GPU is needed: the model is built on the meta device, and its activations are traced on
+fake tensors (engine/plan.py says what is counted and what is not).
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from engine.config import ConfigError, parse_args
+from engine.plan import GB, MODES, estimate, largest_batch
+from engine.runlog import PEAK_FLOPS, lookup_peak_flops
+from model import GPT
+from tools.bench import data_vocab
+from train import model_config
+
+# memory per GPU as torch.cuda reports it (total_memory), GB of 1e9 bytes; matched like the peak table, most
+# specific first
+GPU_MEMORY = [("A100-SXM4-40GB", 42.4), ("A100-40GB", 42.4), ("A100", 85.1), ("H100 NVL", 100.0),
+              ("H100", 85.0), ("H200", 150.0), ("B200", 191.5), ("L40S", 48.3), ("L4", 24.1)]
+TOKENS_PER_PARAM = 20
+
+
+def gpu_memory(name):
+    for key, gb in GPU_MEMORY:
+        if key.lower() in name.lower():
+            return gb * GB
+    return None
+
+
+def parse_tokens(text):
+    """85B, 1.5T, 300M, 44e9 -> a number of tokens."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+    t = text.strip().upper()
+    try:
+        return float(t[:-1]) * scale[t[-1]] if t[-1] in scale else float(t)
+    except (ValueError, IndexError):
+        raise SystemExit(f"plan.py: --tokens={text!r} is not a token count (e.g. 85B, 1.5T, 44e9)") from None
+
+
+def fmt_gb(b):
+    return f"{b / GB:,.1f}"
+
+
+def plan(cfg, gpus, memory, peak, mfu, tokens, margin=0.1):
+    """Everything the tool prints, as one dict."""
+    with torch.device("meta"):
+        model = GPT(model_config(cfg, data_vocab(cfg), "sdpa"))
+    T = cfg.block_size or model.config.block_size
+    dtype = "float32" if cfg.dtype == "float32" else "float16" if cfg.dtype == "float16" else "bfloat16"
+    global_rows = cfg.batch_size * cfg.gradient_accumulation_steps  # rows per optimizer step, whole job
+    rows = []
+    for mode in MODES:
+        if mode == "fsdp" and cfg.optimizer == "muon":
+            continue  # refused by the engine: Muon needs whole matrices
+        for ac in (False, True):
+            est = estimate(cfg, model, gpus, T, dtype, mode=mode, activation_checkpointing=ac)
+            row = {"mode": mode, "activation_checkpointing": ac, "total_bytes": est["total"], "parts": est["parts"],
+                   "chosen": mode == est_mode(cfg) and ac == cfg.activation_checkpointing}
+            if memory:
+                best = largest_batch(cfg, model, gpus, T, dtype, memory, margin, mode=mode,
+                                     activation_checkpointing=ac)
+                row["fits"] = est["total"] <= memory
+                row["largest_batch"] = best
+                # the largest batch that fits and keeps the config's rows per optimizer step: batch_size x
+                # gradient_accumulation_steps (the job's micro-batches, a multiple of the GPUs)
+                keep = [b for b in range(best, 0, -1) if global_rows % b == 0 and (global_rows // b) % gpus == 0]
+                row["batch_size"] = keep[0] if keep else None
+                row["gradient_accumulation_steps"] = global_rows // keep[0] if keep else None
+            rows.append(row)
+    fpt = model.flops_per_token(T)
+    out = {"config": {"batch_size": cfg.batch_size, "block_size": T, "gradient_accumulation_steps":
+                      cfg.gradient_accumulation_steps, "optimizer": cfg.optimizer, "dtype": dtype,
+                      "loss_chunk_size": cfg.loss_chunk_size},
+           "gpus": gpus, "memory_per_gpu_bytes": memory, "margin": margin, "params": model.num_params(),
+           "flops_per_token": fpt, "modes": rows}
+    if peak and mfu:
+        tps = mfu * peak / fpt  # per GPU
+        out.update(peak_flops=peak, mfu=mfu, tokens_per_sec_per_gpu=tps, tokens_per_sec=tps * gpus)
+        if tokens:
+            secs = tokens / (tps * gpus)
+            out.update(tokens=tokens, hours=secs / 3600, gpu_hours=secs * gpus / 3600)
+    return out
+
+
+def est_mode(cfg):
+    return "fsdp" if cfg.use_fsdp else "zero1" if cfg.use_zero1 else "ddp"
+
+
+def report(p, out=print):
+    c = p["config"]
+    out(f"# {p['params'] / 1e9:.3f}B parameters, batch {c['batch_size']} x {c['block_size']} per GPU, "
+        f"{c['gradient_accumulation_steps']} micro-steps per optimizer step in the job, {c['optimizer']}, "
+        f"{c['dtype']}, loss_chunk_size {c['loss_chunk_size']}, {p['gpus']} GPU(s)"
+        + (f" of {fmt_gb(p['memory_per_gpu_bytes'])} GB" if p["memory_per_gpu_bytes"] else ""))
+    names = ["params", "grads", "ddp_buckets", "optimizer", "fsdp_gathered", "activations", "recompute", "loss",
+             "allowance"]
+    out("| mode | act. ckpt | " + " | ".join(names) + " | total GB | fits | largest batch | "
+        "batch x accumulation at the config's rows per step |")
+    out("|---" * (len(names) + 6) + "|")
+    for r in p["modes"]:
+        cells = [fmt_gb(r["parts"][n]) if n in r["parts"] else "-" for n in names]
+        mark = " (config)" if r["chosen"] else ""
+        fits = ("yes" if r["fits"] else "no") if "fits" in r else "-"
+        out(f"| {r['mode']}{mark} | {'on' if r['activation_checkpointing'] else 'off'} | " + " | ".join(cells)
+            + f" | {fmt_gb(r['total_bytes'])} | {fits} | {r.get('largest_batch', '-')} | "
+              + (f"{r['batch_size']} x {r['gradient_accumulation_steps']} |" if r.get("batch_size") else "- |"))
+    out(f"\nFLOPs per token {p['flops_per_token'] / 1e9:.2f} G (PaLM: 6N + 12 L H Q T, as MFU counts them)")
+    if "tokens_per_sec" in p:
+        out(f"at MFU {p['mfu']:.2f} of {p['peak_flops'] / 1e12:.0f} TFLOP/s: {p['tokens_per_sec_per_gpu']:,.0f} "
+            f"tokens/s per GPU, {p['tokens_per_sec']:,.0f} in all")
+    if "tokens" in p:
+        out(f"{p['tokens'] / 1e9:,.1f}B tokens: {p['hours']:,.1f} hours on {p['gpus']} GPU(s), "
+            f"{p['gpu_hours']:,.0f} GPU-hours")
+    out("Estimates: the parameters, gradients and optimizer state are exact; activations are traced, the loss and "
+        "FSDP's buffers counted from shapes; kernels' scratch, compile's and NCCL's pools are not counted.")
+
+
+def main(argv=None, out=print):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu")
+    p.add_argument("--gpu_memory_gb", type=float)
+    p.add_argument("--margin", type=float, default=0.1)
+    p.add_argument("--mfu", type=float)
+    p.add_argument("--from_run")
+    p.add_argument("--tokens")
+    p.add_argument("--chinchilla", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    if args.help:
+        out(__doc__.strip())
+        return None
+    if args.gpus < 1:
+        raise SystemExit("plan.py: --gpus must be at least 1")
+    try:
+        cfg = parse_args(rest)
+    except ConfigError as e:
+        raise SystemExit(f"plan.py: {e}") from None
+    memory = args.gpu_memory_gb * GB if args.gpu_memory_gb else None
+    peak = None
+    if args.gpu:
+        peak = lookup_peak_flops(args.gpu)
+        memory = memory or gpu_memory(args.gpu)
+        if peak is None or memory is None:
+            known = ", ".join(k for k, _ in PEAK_FLOPS)
+            raise SystemExit(f"plan.py: unknown GPU {args.gpu!r}; use one of {known}, or give --gpu_memory_gb "
+                             "(and --peak_flops through the config for throughput)")
+    peak = cfg.peak_flops or peak
+    mfu = args.mfu
+    if args.from_run:
+        with open(args.from_run) as f:
+            mfu = json.load(f).get("summary", {}).get("mean_mfu")
+        if not mfu:
+            raise SystemExit(f"plan.py: {args.from_run} records no MFU (a CPU run without --peak_flops?)")
+    mfu = mfu or 0.45
+    tokens = parse_tokens(args.tokens) if args.tokens else None
+    res = plan(cfg, args.gpus, memory, peak, mfu, tokens, args.margin)
+    if args.chinchilla:
+        res = plan(cfg, args.gpus, memory, peak, mfu, TOKENS_PER_PARAM * res["params"], args.margin)
+    if args.json:
+        out(json.dumps(res, indent=1))
+    else:
+        report(res, out)
+    return res
+
+
+if __name__ == "__main__":
+    main()

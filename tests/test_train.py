@@ -373,12 +373,12 @@ def test_bf16_cpu_run_tracks_the_float32_run(dataset, tmp_path):
 
 
 def test_the_demo_config_learns(dataset, tmp_path):
-    # the README's main job with its own settings (schedule, optimizer, shape), on the synthetic stream and cut short;
+    # the README's main job with its own settings (shape, batch, schedule), on the synthetic stream and cut short;
     # float32, so the check is the same on every CPU
     cfg = parse_args([os.path.join(ROOT, "config", "train_shakespeare_char.py"), f"--dataset={dataset}",
-                      f"--out_dir={tmp_path / 'o'}", "--dtype=float32", "--max_iters=60", "--eval_interval=60",
+                      f"--out_dir={tmp_path / 'o'}", "--dtype=float32", "--max_iters=40", "--eval_interval=40",
                       "--eval_iters=2", "--gradient_log_interval=0"])
     res = train.main(cfg, log=lambda *a: None)
     evals = json.load(open(res["run_log"]))["evals"]
-    assert [e["iter"] for e in evals] == [0, 60]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5, evals
+    assert [e["iter"] for e in evals] == [0, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals

@@ -33,6 +33,11 @@ ALLOWANCE = 2.0 * GB  # the CUDA context (~0.5-1 GB) and the caching allocator's
 MODES = ("ddp", "zero1", "fsdp")  # "ddp" is also one process: the same bytes per rank
 
 
+def config_mode(cfg):
+    """The data-parallel mode cfg runs in: fsdp, zero1, or ddp (one process included)."""
+    return "fsdp" if cfg.use_fsdp else "zero1" if cfg.use_zero1 else "ddp"
+
+
 def shard_rows(n, world, rank):
     """Rows of a dim of size n on `rank` when FSDP shards it in `world` near-equal chunks (torch.chunk's split)."""
     size = math.ceil(n / world)
@@ -125,7 +130,7 @@ def estimate(cfg, model, world, T, dtype, batch_size=None, mode=None, activation
     """The per-rank bytes of one training step: {"parts": {name: bytes}, "total": bytes, ...} for rank `rank`
     (default: the rank that holds the most; ZeRO-1's greedy partition and FSDP's chunks are uneven).
     model may live on the meta device; mode, batch, checkpointing and optimizer default to cfg's."""
-    mode = mode or ("fsdp" if cfg.use_fsdp else "zero1" if cfg.use_zero1 else "ddp")
+    mode = mode or config_mode(cfg)
     B = batch_size or cfg.batch_size
     ac = cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     opt = optimizer or cfg.optimizer

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from engine.config import ConfigError, parse_args
-from engine.plan import GB, MODES, estimate, largest_batch
+from engine.plan import GB, MODES, config_mode, estimate, largest_batch
 from engine.runlog import PEAK_FLOPS, lookup_peak_flops
 from model import GPT
 from tools.bench import data_vocab
@@ -72,7 +72,7 @@ def plan(cfg, gpus, memory, peak, mfu, tokens, margin=0.1):
         for ac in (False, True):
             est = estimate(cfg, model, gpus, T, dtype, mode=mode, activation_checkpointing=ac)
             row = {"mode": mode, "activation_checkpointing": ac, "total_bytes": est["total"], "parts": est["parts"],
-                   "chosen": mode == est_mode(cfg) and ac == cfg.activation_checkpointing}
+                   "chosen": mode == config_mode(cfg) and ac == cfg.activation_checkpointing}
             if memory:
                 best = largest_batch(cfg, model, gpus, T, dtype, memory, margin, mode=mode,
                                      activation_checkpointing=ac)
@@ -97,10 +97,6 @@ def plan(cfg, gpus, memory, peak, mfu, tokens, margin=0.1):
             secs = tokens / (tps * gpus)
             out.update(tokens=tokens, hours=secs / 3600, gpu_hours=secs * gpus / 3600)
     return out
-
-
-def est_mode(cfg):
-    return "fsdp" if cfg.use_fsdp else "zero1" if cfg.use_zero1 else "ddp"
 
 
 def report(p, out=print):

@@ -46,7 +46,8 @@ from engine.data.tokenizers import resolve_tokenizer
 from engine.evals import check_task, evaluate_tasks, load_task
 from engine.health import HealthMonitor, TrainingDiverged
 from engine.objectives import DPOTask, PretrainTask, SFTTask
-from engine.optim import describe, lr_at, make_optimizer, muon_names
+from engine.optim import describe, lr_at, make_optimizer
+from engine.plan import GB, config_mode, estimate, free_memory, keep_global_batch, largest_batch
 from engine.rundir import claim
 from engine.runlog import (
     MFU_CONVENTION,
@@ -249,81 +250,47 @@ def build_model(cfg, vocab, backend, start):
         raise ConfigError(f"init_from={start.path}: {e}") from e
 
 
-def free_memory(device):
-    """Bytes still free on `device`: the GPU's free memory, or the host's MemAvailable (what it can allocate without
-    swapping; os.sysconf's free pages where there is no /proc); None where neither can be read (MPS, macOS)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    if torch.device(device).type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-
-
 def check_memory(cfg, model, T, device, dtype, d, available=None):
-    """Refuse at start a run whose step cannot fit: a lower bound of the bytes a step still needs once the model is
-    on `device`, against what is free there (`available`, else free_memory; the least over the ranks, so that all
-    decide alike). Returns the bound.
+    """engine/plan.py's per-rank estimate of one step of this run (T: the longest row a batch can hold), with the
+    memory it is measured against: {"parts", "total", ..., "available"}. A run whose estimate exceeds that memory is
+    refused, naming the largest micro-batch that would fit, unless skip_memory_check. The memory is what `device`
+    has free now (`available` where given) plus what the model already holds there, the least over the ranks so
+    that all decide alike; on CPU the ranks of one host share its RAM."""
+    dev = torch.device(device)
+    est = estimate(cfg, model, d.world_size, T, dtype, device_type=dev.type)
+    est["block_size"] = T
+    here = lambda t: t.device.type == dev.type  # noqa: E731  (a model on the meta device holds nothing)
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if here(t))
+    host = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dev.type == "cpu" else 1  # ranks sharing this memory
+    free = free_memory(device) if available is None else available
+    if d.world_size > 1:
+        free = min((a for a in D.all_gather_objects(free) if a is not None), default=None)
+    usable = None if free is None else free / host + resident  # per rank
+    est["available"] = usable
+    if usable is None or est["total"] <= usable or cfg.skip_memory_check:
+        return est
+    b = largest_batch(cfg, model, d.world_size, T, dtype, usable, margin=0.0, device_type=dev.type)
+    rows = cfg.batch_size * cfg.gradient_accumulation_steps
+    b, ga = keep_global_batch(rows, b, d.world_size)
+    fixes = [f"batch_size={b} with gradient_accumulation_steps={ga} fits and keeps the rows per step" if b else
+             "lower batch_size or block_size (more gradient_accumulation_steps keep the tokens per step)"]
+    if est["parts"]["batches"] > usable / 2:
+        fixes.insert(0, "lower gradient_accumulation_steps or batch_size (a step takes all its micro-batches at once)")
+    if not cfg.activation_checkpointing and not cfg.eval_only:
+        fixes.append("activation_checkpointing=True")
+    if not cfg.loss_chunk_size and cfg.objective != "dpo":
+        fixes.append("loss_chunk_size=1024")
+    state = sum(est["parts"].get(k, 0) for k in ("params", "grads", "optimizer", "ddp_buckets"))
+    if config_mode(cfg) != "fsdp" and not cfg.eval_only and state > est["total"] / 3:
+        fixes.append("shard the state over more GPUs (use_zero1 or use_fsdp under torchrun)")
+    raise ConfigError(f"one step needs about {est['total'] / GB:,.2f} GB per rank on {device} by engine/plan.py's "
+                      f"estimate ({parts_text(est)}) but {usable / GB:,.2f} GB is free for it"
+                      + (f" (the host's free memory shared by {host} ranks)" if host > 1 else "") + "; "
+                      + ", or ".join(fixes) + "; --skip_memory_check=True runs it anyway")
 
-    Counted: float32 gradients and AdamW's two moments (Muon's one, for its matrices), sharded as ZeRO-1 and FSDP
-    shard them (less the full parameters FSDP frees); per micro-batch, in the compute dtype, the inputs the linear
-    layers keep for backward (qkv, output projection and both MLP layers of every block, and the head; with
-    activation_checkpointing each block's input and one block's recompute) and manual attention's probabilities; the
-    loss's float32 logits (one chunk's with loss_chunk_size; DPO's in the compute dtype); the int64 ids and labels
-    of all the step's micro-batches, which it takes at once. eval_only counts the logits alone. Ranks on one host
-    share its RAM. Left out, so that the true need is higher: what attention kernels, norms, activations and dropout
-    keep; the logits' gradient; cast copies of weights; DDP's buckets and FSDP's gathered parameters; batches
-    prefetched ahead, allocator overhead and the CUDA context. SFT and DPO pad a batch only to its longest row,
-    unknown before the data is read, so their rows count one token each.
-    """
-    mc, P = model.config, sum(p.numel() for p in model.parameters())
-    rows = cfg.batch_size * (2 if cfg.objective == "dpo" else 1)  # DPO: chosen and rejected in one forward
-    L = T if cfg.objective == "pretrain" else 1
-    n = rows * L  # tokens of one micro-batch
-    act = 4 if dtype == "float32" else 2
-    w = d.world_size
-    # optimizer state: AdamW's two float32 moments; Muon's one momentum on the block matrices (never under FSDP)
-    muon = set(muon_names(model)) if cfg.optimizer == "muon" else set()
-    opt = 8 * P - 4 * sum(p.numel() for n, p in model.named_parameters() if n in muon)
-    state = max(0, P * (16 - 4 * w) // w) if cfg.use_fsdp else P * 4 + opt // (w if cfg.use_zero1 else 1)
-    # per token and block; manual attention also keeps each head's row of (T, T) probabilities
-    block = 2 * mc.n_embd + mc.n_head * mc.head_dim + mc.intermediate_size + (
-        mc.n_head * L if mc.attention_backend == "manual" else 0)
-    kept = mc.n_layer * mc.n_embd + block if cfg.activation_checkpointing else mc.n_layer * block
-    acts = n * (kept + mc.n_embd) * act
-    chunked = cfg.loss_chunk_size and cfg.objective != "dpo"  # DPO's forward has no targets, so no chunked loss
-    logits = (min(n, cfg.loss_chunk_size) if chunked else n) * mc.vocab_size * (act if cfg.objective == "dpo" else 4)
-    data = cfg.gradient_accumulation_steps // w * n * 16
-    if cfg.eval_only:
-        state = acts = data = 0
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if torch.device(device).type == "cpu" else 1
-    need = (state + acts + logits + data) * ranks
-    available = free_memory(device) if available is None else available
-    if w > 1:
-        available = min((a for a in D.all_gather_objects(available) if a is not None), default=None)
-    if available is None or need <= available:
-        return need
-    fixes = ["lower batch_size or block_size (more gradient_accumulation_steps keep the tokens per step)"
-             if acts + logits >= data else "lower gradient_accumulation_steps or batch_size"]
-    if not cfg.activation_checkpointing and acts:
-        fixes.append("set activation_checkpointing=True")
-    if not chunked and cfg.objective != "dpo":
-        fixes.append("set loss_chunk_size=1024")
-    if state > acts + logits + data:
-        fixes.append("shard the optimizer state over more GPUs (use_zero1 or use_fsdp under torchrun)")
-    GB = 1e9
-    raise ConfigError(f"a step needs at least {need / GB:,.1f} GB on {device} (gradients and optimizer state "
-                      f"{state / GB:,.1f}, activations {acts / GB:,.1f}, logits {logits / GB:,.1f}, batches "
-                      f"{data / GB:,.1f}"
-                      + (f", for each of {ranks} ranks on this host" if ranks > 1 else "")
-                      + f") but {available / GB:,.1f} GB is free; " + ", or ".join(fixes))
+
+def parts_text(est):
+    return ", ".join(f"{k} {v / GB:,.2f}" for k, v in est["parts"].items() if v)
 
 
 def make_task(cfg, mc, T, data_dir, tok, log):
@@ -840,13 +807,20 @@ def run(cfg, d, log, stop=None):
     T = cfg.block_size if cfg.block_size is not None else mc.block_size
     if T > mc.block_size:
         raise ConfigError(f"block_size={T} exceeds the model's limit of {mc.block_size} positions")
-    check_memory(cfg, model, T, hw.device, hw.dtype, d)  # before the data is read and anything of the step allocated
+    # the memory a step needs, before anything of it is allocated: pretraining's rows are T tokens (checked before
+    # the data is read); SFT and DPO batches pad to their longest row, known once the data is
+    memory = check_memory(cfg, model, T, hw.device, hw.dtype, d) if cfg.objective == "pretrain" else None
     task = make_task(cfg, mc, T, data_dir, tok and tok.tok, log)
+    memory = memory or check_memory(cfg, model, min(T, task.longest), hw.device, hw.dtype, d)
     task_tok, tasks = downstream_tasks(cfg, data_dir, tok, mc)
     cfg = settle_config(cfg, task, tok, log)
     if cfg.objective != "pretrain":
         T = cfg.max_seq_length or T  # what one example spans, for the FLOP count
     env = environment(cfg, d, hw, model, T, data_dir)
+    env["memory_estimate"] = {"total_bytes": memory["total"], "available_bytes": memory["available"],
+                              "parts_bytes": memory["parts"], "block_size": memory["block_size"],
+                              **{k: memory[k] for k in ("mode", "batch_size", "activation_checkpointing", "optimizer",
+                                                         "eval_only")}}
 
     if start.kind == "checkpoint":
         log(f"starting from the weights of {start.path}")
@@ -875,6 +849,9 @@ def run(cfg, d, log, stop=None):
     if tok:
         log(f"tokenizer: {tok.name} ({tok.source})")
     log(f"Precision: {hw.dtype} ({hw.dtype_reason})")
+    log(f"Memory: about {memory['total'] / GB:,.2f} GB per rank by engine/plan.py ({parts_text(memory)})"
+        + (f" of {memory['available'] / GB:,.2f} GB free" if memory["available"] is not None else "")
+        + (" (skip_memory_check: not enforced)" if cfg.skip_memory_check else ""))
     log(f"{env['tokens_per_iter']:,} tokens per iteration on {d.world_size} x {env['device_name']} in {hw.dtype} "
         f"({env['parallelism']})")
     runlog = open_run_log(cfg, d, resolved, env, mc, start, log)

@@ -1,13 +1,16 @@
 # GPT-2 style 1.27B (18 layers, width 2304): ~20 tokens per parameter.
-# Launch on 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/full_gpt2_1.36b.py
-# gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 24 x 1024 x 64
+# Sized for 8 x H100 80 GB: DDP, plain loss, no activation checkpointing;
+# about 64.4 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
+#   python tools/plan.py config/full_gpt2_1.36b.py --gpus=8 --gpu=H100
+# Launch: torchrun --standalone --nproc_per_node=8 train.py config/full_gpt2_1.36b.py
+# gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 16 x 1024 x 96
 # = 1,572,864 tokens per step, and 17,166 steps make 27.0B tokens.
 out_dir = "out-gpt2-1.36b"
 dataset = "slimpajama_6b_gpt2"
 preset = "full_gpt2_1.36b"
 block_size = 1024
-batch_size = 24
-gradient_accumulation_steps = 64
+batch_size = 16
+gradient_accumulation_steps = 96
 max_iters = 17166
 lr_decay_iters = 17166
 warmup_iters = 2000

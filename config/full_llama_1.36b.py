@@ -1,13 +1,16 @@
 # LLaMA-2 style 1.29B (18 layers, width 2304): ~20 tokens per parameter.
-# Launch on 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/full_llama_1.36b.py
-# gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 24 x 2048 x 64
+# Sized for 8 x H100 80 GB: DDP, plain loss, no activation checkpointing;
+# about 73.3 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
+#   python tools/plan.py config/full_llama_1.36b.py --gpus=8 --gpu=H100
+# Launch: torchrun --standalone --nproc_per_node=8 train.py config/full_llama_1.36b.py
+# gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 8 x 2048 x 192
 # = 3,145,728 tokens per step, and 8,583 steps make 27.0B tokens.
 out_dir = "out-llama-1.36b"
 dataset = "slimpajama_6b_llama"
 preset = "full_llama_1.36b"
 block_size = 2048
-batch_size = 24
-gradient_accumulation_steps = 64
+batch_size = 8
+gradient_accumulation_steps = 192
 max_iters = 8583
 lr_decay_iters = 8583
 warmup_iters = 2000

@@ -80,6 +80,8 @@ class TrainConfig:
                                        "(torch.compile's reduce-overhead mode; implies compile; needs one "
                                        "micro-step per rank)")
     activation_checkpointing: bool = key(False, "recompute each block's activations in backward")
+    skip_memory_check: bool = key(False, "start even when engine/plan.py's memory estimate of a step exceeds what "
+                                         "the device has free (the estimate is still logged)")
     use_dataloader: bool = key(False, "feed batches through a torch DataLoader with workers and pinned memory")
     dataloader_num_workers: int = key(2, "DataLoader worker processes when use_dataloader=True")
     peak_flops: float | None = key(None, "peak FLOP/s per device for MFU; None: look the device up (none on CPU)")

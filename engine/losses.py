@@ -27,6 +27,7 @@ def _forward(hidden, weight, targets, chunk_size, ignore_index, dtype):
             lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
             total += ((lse[s:s + chunk_size] - picked) * valid[s:s + chunk_size]).sum()
+            del logits, picked  # before the next chunk's are made: one chunk's at a time, not two
     return total, lse
 
 
@@ -54,6 +55,7 @@ def _backward(grad_total, hidden, weight, targets, lse, chunk_size, ignore_index
                 grad_w.addmm_(g.T, h)  # (V, C), in place
             elif need_w:
                 grad_w += g.T @ h  # a (V, C) partial in the compute dtype, half the accumulator's size
+            del g  # before the next chunk's softmax is made
     return grad_h, grad_w.to(weight.dtype) if need_w else None
 
 

@@ -47,6 +47,7 @@ class PretrainTask:
 
     def __init__(self, cfg, data, block_size):
         self.sampler = BatchSampler(data, cfg.batch_size, block_size, cfg.seed)
+        self.longest = block_size  # tokens in a row of a batch, at most
         self.iters_per_epoch = None
         self.token_bytes = None if data.token_bytes is None else torch.from_numpy(data.token_bytes)
 
@@ -143,6 +144,7 @@ class SFTTask(EpochTask):
         rows = pack_sft if cfg.packing else lambda ex, _: unpacked_rows(ex)
         super().__init__(cfg, rows(pick(tr), max_len), rows(pick(va), max_len))
         self.pad, self.packing = tok.eot_id if tok.eot_id is not None else 0, cfg.packing
+        self.longest = max(len(r["input_ids"]) for r in self.train + self.val)  # a batch pads to its longest row
         log(f"sft: {len(tr)} train and {len(va)} val conversations in {len(self.train)} + {len(self.val)} rows "
             f"({'packed' if cfg.packing else 'one per row'}), {self.iters_per_epoch} iterations per epoch"
             + ("" if va else NO_VAL))
@@ -189,6 +191,7 @@ class DPOTask(EpochTask):
         super().__init__(cfg, tr, va)
         self.cfg, self.tok, self.max_len, self.pad = cfg, tok, max_len, tok.eot_id if tok.eot_id is not None else 0
         self.ref, self.key = None, None
+        self.longest = max(len(x[f"{k}_ids"]) for x in self.items for k in ("chosen", "rejected"))
         log(f"dpo: {len(tr)} train and {len(va)} val pairs, {self.iters_per_epoch} iterations per epoch"
             + ("" if va else NO_VAL))
 

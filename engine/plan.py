@@ -22,6 +22,7 @@ Not counted: kernels' scratch space, torch.compile's and CUDA graphs' own pools,
 the allowance, batches prefetched ahead, and DPO's reference model pass (it holds no activations).
 """
 import math
+import os
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -84,12 +85,27 @@ def state_bytes(model, mode, world, optimizer="adamw"):
     return ranks
 
 
+_traced = {}
+
+
 def traced_bytes(config, B, T, dtype):
     """(bytes one block keeps for backward, bytes of a block's input, bytes the final norm and the output
     projection keep) on a micro-batch of B x T under the run's autocast: a forward on fake tensors (CPU kernels'
     choices; no memory is used) whose saved tensors are counted, each storage once, the weights excepted."""
     from model import GPT, rope_cache
 
+    memo = (repr(config), T, dtype)  # a plan asks for many batch sizes of one model
+    if memo not in _traced:
+        if len(_traced) >= 32:
+            _traced.clear()
+        # every tensor a block saves is per row, except autocast's copies of the weights: the bytes are linear in
+        # B, so two traces give every batch size
+        _traced[memo] = [_trace(GPT, rope_cache, config, b, T, dtype) for b in (1, 2)]
+    one, two = _traced[memo]
+    return tuple(a + (b - a) * (B - 1) for a, b in zip(one, two))
+
+
+def _trace(GPT, rope_cache, config, B, T, dtype):
     amp = dtype in ("bfloat16", "float16")
     with FakeTensorMode():
         model = GPT(config)
@@ -103,7 +119,7 @@ def traced_bytes(config, B, T, dtype):
             return t
 
         x = torch.empty(B, T, config.n_embd, requires_grad=True)  # the residual stream stays float32
-        rope = rope_cache(config) if config.pos_encoding == "rope" else None
+        rope = tuple(t[:T] for t in rope_cache(config)) if config.pos_encoding == "rope" else None  # as forward
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             y = model.blocks[0](x, rope)
@@ -114,39 +130,59 @@ def traced_bytes(config, B, T, dtype):
 
 
 def loss_bytes(config, B, T, dtype, chunk=0):
-    """The loss's peak beyond the activations: plain, the logits in the compute dtype, their float32 copy and its
-    log-softmax at once (the backward's gradient then takes the copy's place); chunked, that of one chunk of rows
-    plus the float32 gradient of the output matrix it accumulates."""
+    """The loss's peak beyond the activations. Plain: the forward holds the logits in the compute dtype, their
+    float32 copy and its log-softmax at once; the backward then holds the log-softmax, its gradient and the
+    logits' float32 gradient (12 bytes an element, the larger of the two in either dtype). Chunked
+    (engine/losses.py; bytes per element of one chunk's logits and of the output matrix, counted on CPU with
+    TensorMemory): its backward is the peak, beside the gradient of the hidden states: in float32 the chunk's
+    softmax (4) and the matrix's float32 gradient (4); in 16 bits the larger of the chunk's float32 softmax and
+    its 16-bit cast (6) with the matrix's cast and gradient (6), and the 16-bit softmax (2) with those and one
+    chunk's 16-bit partial of the gradient (8)."""
     e = 2 if dtype in ("bfloat16", "float16") else 4
     V, C = config.vocab_size, config.n_embd
     if chunk:
         rows = min(chunk, B * T)
-        return rows * V * (e + 8) + 4 * V * C
-    return B * T * V * (e + (8 if e == 2 else 4))
+        grad_h = B * T * C * 4  # the gradient of the hidden states the backward fills
+        if e == 4:
+            return rows * V * 4 + V * C * 4 + grad_h
+        return max(rows * V * 6 + V * C * 6, rows * V * 2 + V * C * 8) + grad_h
+    return B * T * V * max(e + (8 if e == 2 else 4), 12)
 
 
 def estimate(cfg, model, world, T, dtype, batch_size=None, mode=None, activation_checkpointing=None,
-             optimizer=None, device_type="cuda", rank=None):
+             optimizer=None, device_type="cuda", rank=None, eval_only=None):
     """The per-rank bytes of one training step: {"parts": {name: bytes}, "total": bytes, ...} for rank `rank`
     (default: the rank that holds the most; ZeRO-1's greedy partition and FSDP's chunks are uneven).
-    model may live on the meta device; mode, batch, checkpointing and optimizer default to cfg's."""
+    model may live on the meta device; mode, batch, checkpointing, optimizer and eval_only default to cfg's.
+    eval_only: the weights and one forward's logits, without gradients, optimizer state or kept activations."""
     mode = mode or config_mode(cfg)
     B = batch_size or cfg.batch_size
     ac = cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     opt = optimizer or cfg.optimizer
+    eval_only = cfg.eval_only if eval_only is None else eval_only
     mc = model.config
     ranks = state_bytes(model, mode, world, opt)
     state = ranks[rank if rank is not None else max(range(world), key=lambda r: sum(ranks[r].values()))]
     rows = B * (2 if cfg.objective == "dpo" else 1)  # DPO: chosen and rejected in one forward
-    block, block_input, tail = traced_bytes(mc, rows, T, dtype)
-    # kept from the forward to the backward; under activation checkpointing only the blocks' inputs, and one
-    # block's full set again while it is recomputed
-    acts = mc.n_layer * (block_input if ac else block) + tail
-    parts = dict(state)
-    if mode != "fsdp" and world > 1:
-        parts["ddp_buckets"] = state["grads"]  # DDP's flat copy of the gradients beside .grad
-    parts.update({"activations": acts, "recompute": block if ac else 0,
-                  "loss": loss_bytes(mc, rows, T, dtype, cfg.loss_chunk_size if cfg.objective != "dpo" else 0)})
+    chunk = cfg.loss_chunk_size if cfg.objective != "dpo" else 0  # DPO's forward has no targets
+    if eval_only:
+        parts = {"params": state["params"], "grads": 0, "optimizer": 0, "activations": 0, "recompute": 0,
+                 "loss": loss_bytes(mc, rows, T, dtype, chunk) - (4 * mc.vocab_size * mc.n_embd if chunk else 0),
+                 "batches": rows * T * 16}
+    else:
+        block, block_input, tail = traced_bytes(mc, rows, T, dtype)
+        # kept from the forward to the backward; under activation checkpointing only the blocks' inputs, and one
+        # block's full set again while it is recomputed
+        acts = mc.n_layer * (block_input if ac else block) + tail
+        parts = dict(state)
+        if mode != "fsdp" and world > 1:
+            parts["ddp_buckets"] = state["grads"]  # DDP's flat copy of the gradients beside .grad
+        # the step's int64 inputs and targets, all its micro-batches taken at once (as many rows per rank whatever
+        # the micro-batch, since accumulation keeps the global batch)
+        step_rows = max(1, cfg.batch_size * cfg.gradient_accumulation_steps // world)
+        parts.update({"activations": acts, "recompute": block if ac else 0,
+                      "loss": loss_bytes(mc, rows, T, dtype, chunk),
+                      "batches": step_rows * (2 if cfg.objective == "dpo" else 1) * T * 16})
     if mode == "fsdp":
         pbytes = 2 if device_type == "cuda" and dtype == "bfloat16" else 4  # FSDP's bf16 parameter policy on CUDA
         blk = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
@@ -154,14 +190,62 @@ def estimate(cfg, model, world, T, dtype, batch_size=None, mode=None, activation
         parts["fsdp_gathered"] = (2 * blk + root) * pbytes
     if device_type == "cuda":
         parts["allowance"] = ALLOWANCE
-    return {"mode": mode, "batch_size": B, "activation_checkpointing": ac, "optimizer": opt, "parts": parts,
-            "total": sum(parts.values())}
+    # The transient parts do not all peak at once. At the end of the forward: the activations and the loss's
+    # tensors, and the gradients only if earlier micro-batches of the step left them (with one micro-batch a step
+    # they are made in the backward as the activations are freed, and dropped after the update). In the backward:
+    # the gradients, and under checkpointing the blocks' inputs and the block being recomputed (the loss's tensors
+    # and the tail, what the final norm and output projection keep, are gone by then).
+    step_rows = max(1, cfg.batch_size * cfg.gradient_accumulation_steps // world)
+    accumulating = step_rows > B
+    tail = 0 if eval_only else tail
+    forward = parts["activations"] + parts["loss"] + (parts["grads"] if accumulating else 0)
+    backward = parts["grads"] + (parts["activations"] - tail + parts["recompute"] if ac else 0)
+    transient = ("activations", "loss", "grads", "recompute")
+    total = sum(v for k, v in parts.items() if k not in transient) + max(forward, backward)
+    return {"mode": mode, "batch_size": B, "activation_checkpointing": ac, "optimizer": opt, "eval_only": eval_only,
+            "parts": parts, "total": total}
 
 
 def largest_batch(cfg, model, world, T, dtype, memory, margin=0.1, **kw):
-    """The largest micro-batch whose estimate fits `memory` bytes less a margin, or 0: activations and the loss
-    grow linearly in the batch, so two estimates give the line."""
-    one, two = (estimate(cfg, model, world, T, dtype, batch_size=b, **kw)["total"] for b in (1, 2))
-    per_row, fixed = two - one, 2 * one - two
-    budget = memory * (1 - margin) - fixed
-    return max(0, int(budget // per_row)) if per_row > 0 else 0
+    """The largest micro-batch whose estimate fits `memory` bytes less a margin, or 0 (the estimate grows with the
+    batch, though not on one line: its forward and backward peaks grow at different rates)."""
+    budget = memory * (1 - margin)
+    fits = lambda b: estimate(cfg, model, world, T, dtype, batch_size=b, **kw)["total"] <= budget  # noqa: E731
+    if not fits(1):
+        return 0
+    hi = 2
+    while fits(hi) and hi < 2 ** 40:
+        hi *= 2
+    lo = hi // 2  # fits(lo), and not fits(hi) unless at the cap
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return hi if fits(hi) else lo
+
+
+def keep_global_batch(global_rows, largest, world):
+    """(batch_size, gradient_accumulation_steps): the largest micro-batch up to `largest` that keeps `global_rows`
+    rows per optimizer step over `world` ranks (the accumulation, as train.py counts it, a multiple of the world),
+    or (None, None)."""
+    for b in range(largest, 0, -1):
+        if global_rows % b == 0 and (global_rows // b) % world == 0:
+            return b, global_rows // b
+    return None, None
+
+
+def free_memory(device):
+    """Bytes still free on `device`: the GPU's free memory, or the host's MemAvailable (what it can allocate without
+    swapping; os.sysconf's free pages where there is no /proc); None where neither can be read (MPS, macOS)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

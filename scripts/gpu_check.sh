@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement docs/benchmarks.md lists as owed, in one run on one H100/H200 (about 9 minutes: each step has
-# its own time limit, and they add up to 525 s). Prints a table of the steps and writes it, with each step's command
+# its own time limit, and they add up to 540 s). Prints a table of the steps and writes it, with each step's command
 # and output, to one markdown file.
 #
 #   bash scripts/gpu_check.sh                  # on the GPU machine; writes gpu_check_<time>.md
@@ -25,11 +25,12 @@ done
 # name | seconds allowed | command
 STEPS=(
   "versions|15|$PY -c \"import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))\""
-  "gpu tests|90|$PY -m pytest -q -m gpu tests"
-  "gpt2 124M backends x compile|150|$PY tools/bench.py --preset=gpt2 --block_size=1024 --batch_size=16 --warmup=3 --iters=5 --repeats=3 --compare attention_backend=manual,sdpa compile=False,True"
+  "gpu tests|75|$PY -m pytest -q -m gpu tests"
+  "gpt2 124M backends x compile|135|$PY tools/bench.py --preset=gpt2 --block_size=1024 --batch_size=16 --warmup=3 --iters=5 --repeats=3 --compare attention_backend=manual,sdpa compile=False,True"
   "gpt2 124M CUDA graphs|60|$PY tools/bench.py --preset=gpt2 --block_size=1024 --batch_size=16 --compile=True --warmup=3 --iters=5 --repeats=3 --compare use_cuda_graphs=False,True"
   "llama3 1.5B batch finder|60|$PY tools/find_batch_size.py config/full_llama3_1.5b_optimal.py --gradient_accumulation_steps=1"
   "llama3 1.5B step|60|$PY tools/bench.py config/full_llama3_1.5b_optimal.py --batch_size=8 --gradient_accumulation_steps=1 --warmup=2 --iters=3 --repeats=3"
+  "memory plan vs measured|45|$PY tools/plan.py --preset=gpt2 --block_size=1024 --batch_size=16 --measure; $PY tools/plan.py config/full_llama3_1.5b_optimal.py --batch_size=8 --gradient_accumulation_steps=1 --compile=False --measure"
   "qwen3 loss memory|45|$PY tools/bench_loss_memory.py"
   "gpt2 124M adamw vs muon|45|$PY tools/bench.py --preset=gpt2 --block_size=1024 --batch_size=16 --warmup=3 --iters=5 --repeats=3 --compare optimizer=adamw,muon"
 )

@@ -146,7 +146,7 @@ def test_gpu_check_dry_run_lists_commands_that_parse():
     assert sum(limits) <= 9 * 60  # the whole within 9 minutes
     names = " ".join(heads)
     for owed in ("gpu tests", "backends x compile", "CUDA graphs", "batch finder", "1.5B step", "loss memory",
-                 "muon"):
+                 "muon", "memory plan vs measured"):
         assert owed in names
     own = {"--warmup", "--iters", "--repeats", "--threads", "--memory_limit_gb", "--max_batch"}
     for cmd in cmds:

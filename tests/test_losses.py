@@ -127,6 +127,22 @@ def test_never_materialises_the_full_logits():
     assert h.grad is not None and w.grad is not None
 
 
+def test_one_chunk_of_logits_is_alive_at_a_time():
+    """The previous chunk's logits (softmax in backward) are freed before the next chunk's are made: the peak is
+    one chunk's, which engine/plan.py's loss estimate counts (two chunks' alive doubled it)."""
+    from tools.bench import TensorMemory
+
+    N, C, V, chunk = 512, 16, 1000, 64
+    h, w, t = problem(N=N, C=C, V=V)
+    with TensorMemory() as mem:
+        loss = chunked_cross_entropy(h, w, t, chunk_size=chunk)
+        forward = mem.peak
+        loss.backward()
+    one = chunk * V * 4  # one chunk's float32 logits
+    assert one <= forward < 1.5 * one
+    assert mem.peak < 1.5 * one + 4 * V * C + 4 * N * C  # and the weight's and the hidden states' gradients
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_compiled_keeps_no_logits_for_backward(autocast):
     """Under torch.compile the chunk loops are opaque operators: the compiler cannot keep forward's chunk logits

@@ -2,6 +2,7 @@
 against their run logs in tests/test_distributed.py)."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from engine.config import parse_args
 from engine.plan import GB, estimate, shard_rows, state_bytes, zero1_partition
 from model import GPT
 from tools import plan as plan_tool
-from tools.bench import TensorMemory
+from tools.bench import TensorMemory, data_vocab
 
 FAMILIES = ["tiny_gpt2", "tiny_llama", "tiny_llama3", "tiny_qwen3"]
 LLAMA3 = os.path.join(ROOT, "config", "full_llama3_1.5b_optimal.py")
@@ -89,7 +90,7 @@ def test_tool_table_json_and_time(capsys):
     for r in res["modes"]:
         assert r["largest_batch"] >= 1
         if r["batch_size"]:
-            assert r["batch_size"] * r["gradient_accumulation_steps"] == 24 * 64  # the config's rows per step
+            assert r["batch_size"] * r["gradient_accumulation_steps"] == 8 * 192  # the config's rows per step
             assert r["gradient_accumulation_steps"] % 8 == 0
         fit = estimate(cfg, model, 8, 2048, "bfloat16", batch_size=r["largest_batch"], mode=r["mode"],
                        activation_checkpointing=r["activation_checkpointing"])["total"]
@@ -102,3 +103,48 @@ def test_tool_table_json_and_time(capsys):
     with pytest.raises(SystemExit, match="not a token count"):
         plan_tool.main([LLAMA3, "--gpu=H100", "--tokens=lots"])
 
+
+
+@pytest.mark.parametrize("name", ["full_gpt2_1.36b", "full_llama_1.36b", "full_llama3_1.5b_optimal",
+                                  "full_llama3_2.2b_chinchilla", "full_qwen3_1.8b_optimal"])
+def test_every_pretraining_recipe_fits_the_gpus_its_comment_names(name):
+    """Each seed recipe says which GPUs it is sized for and what the planner gives per GPU; the estimate agrees and
+    stays under the planner's 10% margin of that card's memory (train.py would refuse it otherwise)."""
+    path = os.path.join(ROOT, "config", f"{name}.py")
+    text = open(path).read()
+    sized = re.search(r"# Sized for (\d+) x (\S+) ", text)
+    said = re.search(r"about ([\d.]+) GB per GPU", text)
+    assert sized and said, "the recipe's comment names its GPUs and the planner's figure"
+    cfg = parse_args([path])
+    with torch.device("meta"):
+        model = GPT(train.model_config(cfg, data_vocab(cfg), "sdpa"))
+    est = estimate(cfg, model, int(sized[1]), cfg.block_size, "bfloat16")
+    assert round(est["total"] / GB, 1) == float(said[1])
+    assert est["total"] <= 0.9 * plan_tool.gpu_memory(sized[2])
+    assert cfg.batch_size * cfg.gradient_accumulation_steps == 1536  # the guide's global batch: 24 x 64 rows
+    if model.config.vocab_size >= 100_000:
+        assert cfg.loss_chunk_size > 0  # never the full float32 logits of a 128K+ vocabulary
+
+
+@pytest.mark.parametrize("extra", [["--preset=tiny_llama3"], ["--preset=tiny_gpt2", "--attention_backend=manual"]])
+def test_two_traces_give_every_batch_size(extra):
+    """traced_bytes traces batches of 1 and 2 rows and extends the line: the same bytes as tracing the batch."""
+    from engine.plan import _trace, traced_bytes
+    from model import rope_cache
+
+    cfg = parse_args(extra + ["--vocab_size=256", "--block_size=32", "--device=cpu"])
+    mc = train.model_config(cfg, None, "manual" if "manual" in extra[-1] else "sdpa")
+    for dtype in ("float32", "bfloat16"):
+        for T in (32, 20):  # SFT and DPO rows shorter than the model's positions
+            assert traced_bytes(mc, 7, T, dtype) == _trace(GPT, rope_cache, mc, 7, T, dtype)
+
+
+def test_measure_puts_the_estimate_beside_two_real_steps(capsys):
+    res = plan_tool.main(["--preset=tiny_qwen3", "--vocab_size=512", "--block_size=64", "--batch_size=4",
+                          "--device=cpu", "--dtype=float32", "--activation_checkpointing=True", "--measure", "--json"])
+    m = res["measured"]
+    assert m["params_predicted"] == m["params_measured"] and m["optimizer_predicted"] == m["optimizer_measured"]
+    assert abs(m["peak_predicted"] - m["peak_measured"]) <= 0.10 * m["peak_measured"]
+    assert json.loads(capsys.readouterr().out)["measured"] == m
+    with pytest.raises(SystemExit, match="--measure runs one process"):
+        plan_tool.main(["--preset=tiny_qwen3", "--device=cpu", "--use_zero1=True", "--measure"])

@@ -84,6 +84,16 @@ def test_sft_loss_falls_and_logs_its_metrics(chat, tmp_path):
     assert res["final"]["val"] < doc["evals"][0]["val_loss"]
 
 
+def test_the_memory_check_counts_the_longest_row_the_data_has(chat, tmp_path):
+    """SFT batches pad to their longest row: the start-up estimate is made at that length, not max_seq_length."""
+    train.main(parse_args(SFT + [f"--dataset={chat / 'sft.jsonl'}", f"--out_dir={tmp_path}", "--max_iters=1",
+                                 "--block_size=256", "--max_seq_length=256"]), log=lambda *a: None)
+    tok = get_tokenizer("gpt2")
+    examples, _ = tokenize_all(tok, [sft_messages(r) for r in make_toy_sft(300, seed=0)], 256)
+    mem = run_log(tmp_path)["environment"]["memory_estimate"]
+    assert mem["block_size"] == max(len(ids) for ids, _ in examples) < 256
+
+
 def test_sft_resume_and_accumulation_layouts(chat, tmp_path):
     common = SFT + [f"--dataset={chat / 'sft.jsonl'}", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3",
                     "--packing=True"]

@@ -12,8 +12,13 @@ Takes train.py's config file and --key=value settings, plus:
   --mfu=F             the MFU to assume for throughput (default 0.45), or
   --from_run=LOG      the mean MFU of a run log (its summary's mean_mfu)
   --tokens=N          a token budget (85B, 44e9, ...), or
-  --chinchilla        20 tokens per parameter (tools/scaling_law.py's rule)
+  --chinchilla        20 tokens per parameter (the Chinchilla rule, as tools/scaling_law.py --chinchilla), or
+  --chinchilla=fit    the tokens for which this model is compute-optimal under tools/scaling_law.py's loss fit
   --json              print the same as JSON
+  --measure           also run two real steps of the config in this process (its device: CPU, or one GPU) and
+                      print the estimate against what they allocate (one process: DDP's layout on one rank)
+  --summary           print one markdown row (the config's memory per GPU, the largest batch of every mode,
+                      tokens/s and time), as docs/benchmarks.md tabulates the seed recipes
 Nothing is allocated and no GPU is needed: the model is built on the meta device, and its activations are traced on
 fake tensors (engine/plan.py says what is counted and what is not).
 """
@@ -24,17 +29,17 @@ import sys
 import torch
 
 from engine.config import ConfigError, parse_args
-from engine.plan import GB, MODES, config_mode, estimate, largest_batch
+from engine.plan import GB, MODES, config_mode, estimate, keep_global_batch, largest_batch
 from engine.runlog import PEAK_FLOPS, lookup_peak_flops
 from model import GPT
 from tools.bench import data_vocab
+from tools.scaling_law import TOKENS_PER_PARAM, optimal_tokens
 from train import model_config
 
 # memory per GPU as torch.cuda reports it (total_memory), GB of 1e9 bytes; matched like the peak table, most
 # specific first
 GPU_MEMORY = [("A100-SXM4-40GB", 42.4), ("A100-40GB", 42.4), ("A100", 85.1), ("H100 NVL", 100.0),
               ("H100", 85.0), ("H200", 150.0), ("B200", 191.5), ("L40S", 48.3), ("L4", 24.1)]
-TOKENS_PER_PARAM = 20
 
 
 def gpu_memory(name):
@@ -80,9 +85,7 @@ def plan(cfg, gpus, memory, peak, mfu, tokens, margin=0.1):
                 row["largest_batch"] = best
                 # the largest batch that fits and keeps the config's rows per optimizer step: batch_size x
                 # gradient_accumulation_steps (the job's micro-batches, a multiple of the GPUs)
-                keep = [b for b in range(best, 0, -1) if global_rows % b == 0 and (global_rows // b) % gpus == 0]
-                row["batch_size"] = keep[0] if keep else None
-                row["gradient_accumulation_steps"] = global_rows // keep[0] if keep else None
+                row["batch_size"], row["gradient_accumulation_steps"] = keep_global_batch(global_rows, best, gpus)
             rows.append(row)
     fpt = model.flops_per_token(T)
     out = {"config": {"batch_size": cfg.batch_size, "block_size": T, "gradient_accumulation_steps":
@@ -106,7 +109,7 @@ def report(p, out=print):
         f"{c['dtype']}, loss_chunk_size {c['loss_chunk_size']}, {p['gpus']} GPU(s)"
         + (f" of {fmt_gb(p['memory_per_gpu_bytes'])} GB" if p["memory_per_gpu_bytes"] else ""))
     names = ["params", "grads", "ddp_buckets", "optimizer", "fsdp_gathered", "activations", "recompute", "loss",
-             "allowance"]
+             "batches", "allowance"]
     out("| mode | act. ckpt | " + " | ".join(names) + " | total GB | fits | largest batch | "
         "batch x accumulation at the config's rows per step |")
     out("|---" * (len(names) + 6) + "|")
@@ -124,8 +127,63 @@ def report(p, out=print):
     if "tokens" in p:
         out(f"{p['tokens'] / 1e9:,.1f}B tokens: {p['hours']:,.1f} hours on {p['gpus']} GPU(s), "
             f"{p['gpu_hours']:,.0f} GPU-hours")
-    out("Estimates: the parameters, gradients and optimizer state are exact; activations are traced, the loss and "
-        "FSDP's buffers counted from shapes; kernels' scratch, compile's and NCCL's pools are not counted.")
+    out("total: the step's peak, not the sum of the columns (the gradients and the loss's tensors do not peak with "
+        "the activations; engine/plan.py). Estimates: the parameters, gradients and optimizer state are exact; "
+        "activations are traced, the loss and FSDP's buffers counted from shapes; kernels' scratch, compile's and "
+        "NCCL's pools are not counted.")
+
+
+SUMMARY_HEADER = ("| config | GPU | mode, batch | GB per GPU | fits | largest batch ddp / zero1 / fsdp | ... with "
+                  "act. ckpt | tokens/s per GPU | tokens | hours | GPU-hours |")
+
+
+def summary_row(p, name, gpu):
+    """One markdown row of a plan (SUMMARY_HEADER's columns)."""
+    chosen = next(r for r in p["modes"] if r["chosen"])
+    largest = {(r["mode"], r["activation_checkpointing"]): r.get("largest_batch", "-") for r in p["modes"]}
+    cells = lambda ac: " / ".join(str(largest.get((m, ac), "-")) for m in MODES)  # noqa: E731
+    num = lambda k, f: format(p[k], f) if k in p else "-"  # noqa: E731
+    return (f"| {name} | {p['gpus']} x {gpu} | {chosen['mode']}, {p['config']['batch_size']} x "
+            f"{p['config']['block_size']} | {fmt_gb(chosen['total_bytes'])} | "
+            f"{('yes' if chosen['fits'] else 'no') if 'fits' in chosen else '-'} | {cells(False)} | {cells(True)} | "
+            f"{num('tokens_per_sec_per_gpu', ',.0f')} | "
+            + (f"{p['tokens'] / 1e9:,.1f}B" if "tokens" in p else "-")
+            + f" | {num('hours', ',.1f')} | {num('gpu_hours', ',.0f')} |")
+
+
+def measure(cfg, out=print):
+    """The estimate for one process on cfg's device against two real steps there: the parameters' and optimizer
+    state's bytes, and the step's peak (CUDA: torch.cuda.max_memory_allocated above what was allocated before the
+    step, plus the resident bytes; CPU: every tensor torch allocates, counted by tools/bench.py's TensorMemory)."""
+    from engine import distributed as D
+    from tools.bench import Run, peak_bytes
+
+    if cfg.use_zero1 or cfg.use_fsdp:
+        raise SystemExit("plan.py: --measure runs one process; ZeRO-1's and FSDP's per-rank bytes are checked on 2 "
+                         "ranks by tests/test_distributed.py")
+    run = Run(cfg)
+    run.step()  # the optimizer state exists from here on
+    peak = peak_bytes(run)
+    if peak is None:
+        raise SystemExit("plan.py: --measure on CPU needs compile=False (TensorMemory cannot see inside compiled "
+                         "graphs)")
+    batch = run.x.untyped_storage().nbytes()  # made before the step, as the loop's batches are
+    est = estimate(cfg, run.model, 1, run.T, run.dtype, device_type=run.dev_type)
+    predicted = est["total"] - est["parts"].get("allowance", 0)  # the context and allocator slack are not tensors
+    m = {"device": str(run.device), "dtype": run.dtype, "batch_size": run.B, "block_size": run.T,
+         "params_predicted": est["parts"]["params"], "params_measured": D.local_bytes(run.owner.parameters()),
+         "optimizer_predicted": est["parts"]["optimizer"],
+         "optimizer_measured": D.optimizer_state_bytes(run.optimizer),
+         "peak_predicted": predicted, "peak_measured": peak + batch}
+    if out:
+        out(f"\n# measured: two steps on {m['device']} in {m['dtype']}, batch {m['batch_size']} x {m['block_size']}")
+        out("| bytes | predicted GB | measured GB | predicted / measured |")
+        out("|---|---|---|---|")
+        for k in ("params", "optimizer", "peak"):
+            a, b = m[f"{k}_predicted"], m[f"{k}_measured"]
+            out(f"| {k} | {a / GB:,.3f} | {b / GB:,.3f} | {a / b:.3f} |")
+        out("(peak: the allowance for the CUDA context left out, since the allocator's count never includes it)")
+    return m
 
 
 def main(argv=None, out=print):
@@ -138,8 +196,10 @@ def main(argv=None, out=print):
     p.add_argument("--mfu", type=float)
     p.add_argument("--from_run")
     p.add_argument("--tokens")
-    p.add_argument("--chinchilla", action="store_true")
+    p.add_argument("--chinchilla", nargs="?", const="20n", choices=("20n", "fit"))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--summary", action="store_true")
+    p.add_argument("--measure", action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     args, rest = p.parse_known_args(argv)
     if args.help:
@@ -171,11 +231,20 @@ def main(argv=None, out=print):
     tokens = parse_tokens(args.tokens) if args.tokens else None
     res = plan(cfg, args.gpus, memory, peak, mfu, tokens, args.margin)
     if args.chinchilla:
-        res = plan(cfg, args.gpus, memory, peak, mfu, TOKENS_PER_PARAM * res["params"], args.margin)
+        N = res["params"]
+        res = plan(cfg, args.gpus, memory, peak, mfu,
+                   TOKENS_PER_PARAM * N if args.chinchilla == "20n" else optimal_tokens(N), args.margin)
+    lines = []
+    if args.measure:
+        res["measured"] = measure(cfg, out=lines.append)
     if args.json:
         out(json.dumps(res, indent=1))
+    elif args.summary:
+        out(summary_row(res, rest[0] if rest else "(flags only)", args.gpu or f"{args.gpu_memory_gb} GB"))
     else:
         report(res, out)
+        for line in lines:
+            out(line)
     return res
 
 

@@ -53,6 +53,12 @@ def chinchilla_optimum(flops):
     return N, flops / (6 * N)
 
 
+def optimal_tokens(N):
+    """The tokens D for which N parameters is the fit's compute-optimal size (chinchilla_optimum inverted)."""
+    G = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA))
+    return (N / G) ** ((ALPHA + BETA) / BETA) / N
+
+
 @functools.cache
 def depth_counts(preset, **sizes):
     """(params, flops per token) at zero layers and per layer: both are linear in n_layer, so two meta-device

@@ -93,3 +93,20 @@ def test_single_run_shows_downstream_tasks(tmp_path, monkeypatch):
     assert panels["downstream tasks"] == [([0, 30], [0.25, 0.45]), ([0, 30], [0.5, 0.6]), ([0, 30], [-0.1, 0.2])]
     old = drawn(monkeypatch, plot_single_run, plot_single_run.main, [write(tmp_path, synthetic_run(), "o.json")])
     assert old["downstream tasks"] == []
+
+
+def test_single_run_plots_the_logged_series(tmp_path, monkeypatch):
+    """The loss, learning-rate and gradient-norm panels draw exactly the logged numbers, at their iterations (and
+    at their token counts on the tokens axis)."""
+    run = synthetic_run()
+    for k, r in enumerate(run["training_iterations"]):
+        r["lr"] = 1e-3 * (k + 1) / 7  # a schedule, so that a wrong key or order shows
+    its = [r["iter"] for r in run["training_iterations"]]
+    panels = drawn(monkeypatch, plot_single_run, plot_single_run.main, [write(tmp_path, run, "s.json")])
+    by_iter = panels["loss by iteration"]
+    assert (its, [r["loss"] for r in run["training_iterations"]]) in by_iter
+    assert ([e["iter"] for e in run["evals"]], [e["val_loss"] for e in run["evals"]]) in by_iter
+    tokens = run["environment"]["tokens_per_iter"]
+    assert ([i * tokens for i in its], [r["loss"] for r in run["training_iterations"]]) in panels["loss by tokens"]
+    assert panels["learning rate"] == [(its, [r["lr"] for r in run["training_iterations"]])]
+    assert panels["gradient norm"][0] == (its, [r["grad_norm"] for r in run["training_iterations"]])

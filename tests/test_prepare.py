@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_outside_ci
 
 from engine.data import prepare as P
 from engine.data.tokenizers import get_tokenizer
@@ -245,7 +246,7 @@ def test_shakespeare_split_by_work(tmp_path):
     try:
         works = corpus.shakespeare_works()
     except RuntimeError as e:
-        pytest.skip(f"no Shakespeare archive: {e}")
+        skip_outside_ci(f"no Shakespeare archive: {e}")
     assert len(works) == 42 and "hamlet" in works and "sonnets" in works
     assert not any(k.endswith("_f") for k in works)
     text = "".join(works.values())

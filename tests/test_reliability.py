@@ -105,7 +105,7 @@ def test_kill9_during_checkpoint_write_keeps_the_previous_one(data, reference, t
     assert_same(losses(tmp_path), reference)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_and_exits_zero(data, reference, tmp_path, sig):
     proc = start(tmp_path, data)
     wait_for(lambda: 4 in ckpt_iters(tmp_path), proc)
@@ -121,6 +121,47 @@ def test_preemption_signal_checkpoints_and_exits_zero(data, reference, tmp_path,
     assert doc["summary"]["status"] == "preempted" and doc["summary"]["final_iter"] == stopped
     resume(tmp_path, data)
     assert_same(losses(tmp_path), reference)
+
+
+def test_a_second_ctrl_c_interrupts_at_once(data, tmp_path):
+    proc = start(tmp_path, data, env={"SLOW_STEP": "0.5"})  # steps long enough that the first stop is not reached
+    wait_for(lambda: 4 in ckpt_iters(tmp_path), proc)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - t0 < 5, out[-3000:]
+    assert "interrupted; the run log says failed" in out
+    [log] = [p for p in os.listdir(tmp_path) if p.startswith("run_")]
+    doc = json.load(open(tmp_path / log))
+    assert doc["summary"]["status"] == "failed" and doc["summary"]["error"]["type"] == "KeyboardInterrupt"
+    stopped = doc["summary"]["final_iter"]
+    assert ckpt_iters(tmp_path)[-1] < stopped or ckpt_iters(tmp_path)[-1] == 4  # no checkpoint of the interrupted step
+
+
+@pytest.mark.distributed
+def test_signal_to_torchrun_stops_every_rank_at_one_step(data, tmp_path):
+    layout = ["--batch_size=2", "--gradient_accumulation_steps=2"]  # one micro-batch of two rows on each rank
+    train.main(parse_args(ARGS + [f"--dataset={data}", f"--out_dir={tmp_path / 'ref'}", *layout]),
+               log=lambda *a: None)
+    reference = losses(tmp_path / "ref")
+    tmp_path = tmp_path / "two"
+    proc = start(tmp_path, data, *layout, nproc=2, env={"OMP_NUM_THREADS": "1"})
+    wait_for(lambda: 4 in ckpt_iters(tmp_path), proc, timeout=240)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    stopped = ckpt_iters(tmp_path)[-1]
+    # the checkpoint is one collective save: every rank wrote its part at the same step, and the log says so
+    assert sorted(f for f in os.listdir(tmp_path / f"ckpt_{stopped:07d}") if f.endswith(".distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"], out[-3000:]
+    [log] = [p for p in os.listdir(tmp_path) if p.startswith("run_")]
+    doc = json.load(open(tmp_path / log))
+    assert doc["summary"]["status"] == "preempted" and doc["summary"]["final_iter"] == stopped > 4
+    assert f"stopping at iter {stopped}" in out
+    resume(tmp_path, data, *layout)  # one process from the 2-rank checkpoint: the uninterrupted run's losses
+    got = losses(tmp_path)
+    assert sorted(got) == sorted(reference) and all(abs(got[i] - reference[i]) < 1e-5 for i in got)
 
 
 def run_cli(*args, preexec=None, wrap=()):

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -156,6 +157,38 @@ def test_a_write_that_fails_leaves_the_log_whole_and_no_tmp(tmp_path):
     log.flush()
     assert "could not write the run log" in said[0] and os.listdir(tmp_path) == ["run_x.json"]
     assert strict(path)["environment"] == {}
+
+
+WRITE_PAST_A_SIZE_LIMIT = """
+import json, os, resource, signal, sys
+from engine.runlog import RunLog
+path = sys.argv[1]
+said = []
+log = RunLog(path, {"max_iters": 500}, {}, warn=said.append)
+for i in range(5):
+    log.doc["training_iterations"].append({"iter": i, "loss": 1.0})
+log.flush()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+size = os.path.getsize(path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 200, resource.RLIM_INFINITY))
+for i in range(5, 500):
+    log.doc["training_iterations"].append({"iter": i, "loss": 1.0})
+log.flush()  # the new document is larger than the limit: its temporary file is cut short mid-write
+print(json.dumps(said))
+"""
+
+
+def test_a_write_cut_short_by_a_file_size_limit_leaves_the_previous_log(tmp_path):
+    """A real failed write (the kernel refuses the bytes past RLIMIT_FSIZE), then the file on disk read back."""
+    path = tmp_path / "run_x.json"
+    res = subprocess.run([sys.executable, "-c", WRITE_PAST_A_SIZE_LIMIT, str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    [said] = json.loads(res.stdout)
+    assert "could not write the run log" in said and "File too large" in said
+    doc = json.loads(path.read_text())  # whole, and the version before the failed write
+    assert [r["iter"] for r in doc["training_iterations"]] == [0, 1, 2, 3, 4]
+    assert os.listdir(tmp_path) == ["run_x.json"]  # the cut-short temporary file is gone
 
 
 def test_rewrites_are_synced_before_the_rename(tmp_path, monkeypatch):

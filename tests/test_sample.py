@@ -218,6 +218,8 @@ def test_sample_script_from_checkpoint(char_run, capsys):
     text = run_sample(capsys, f"--out_dir={out}", "--prompt=ROMEO:", "--num_samples=2", "--max_new_tokens=20")
     samples = text.split("-" * 40 + "\n")[:-1]
     assert len(samples) == 2 and all(s.startswith("ROMEO:") for s in samples)
+    # 20 new characters after the prompt (one token each, no end-of-text id to stop at), then the line break
+    assert all(len(s) == len("ROMEO:") + 20 + 1 and s.endswith("\n") for s in samples)
     assert set("".join(samples)) <= set(CHARS)
     # the same seed gives the same samples, with or without the cache; greedy is the model's argmax
     again = run_sample(capsys, f"--out_dir={out}", "--prompt=ROMEO:", "--num_samples=2", "--max_new_tokens=20",
@@ -235,7 +237,8 @@ def test_sample_script_from_transformers_dir(char_run, tmp_path, capsys):
     prompt.write_text("To be")
     text = run_sample(capsys, f"--init_from={tmp_path / 'hf'}", f"--tokenizer={data}", f"--prompt_file={prompt}",
                       "--top_p=0.9", "--max_new_tokens=10")
-    assert text.startswith("To be") and len(text.split("\n")[0]) >= len("To be")
+    [sample_text] = text.split("-" * 40 + "\n")[:-1]
+    assert sample_text.startswith("To be") and len(sample_text) == len("To be") + 10 + 1
 
 
 def test_sample_script_decodes_with_the_tokenizer_file_the_run_trained_with(tmp_path, capsys, monkeypatch):

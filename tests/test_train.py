@@ -326,15 +326,24 @@ def test_resume_past_step_100_raises_no_loss_flag(dataset, tmp_path):
 @pytest.mark.parametrize("extra", [["--compile=True"], ["--use_cuda_graphs=True"], ["--dtype=float16"],
                                    ["--attention_backend=auto", "--compile=True"]])
 def test_cuda_paths_train_and_match_eager(dataset, tmp_path, extra):
-    """bf16 autocast, fused AdamW, compile and CUDA graphs on a GPU: the loss curve follows the eager bf16 run."""
+    """bf16 autocast, fused AdamW, compile and CUDA graphs on a GPU: the loss curve follows the eager bf16 run as
+    closely as rounding explains. The bound is measured, not chosen: how far the eager bf16 run is from the eager
+    float32 run (what 16-bit rounding does to this model over these steps), twice over, since a second 16-bit run
+    that rounds at other places (fused kernels, another reduction order) may stray as far on the other side; at
+    least 0.2%, for a run where the two eager runs happen to agree closely. float16 (10 mantissa bits to bf16's 7)
+    is held to the same bound against float32."""
     cuda = [a.replace("--device=cpu", "--device=cuda") for a in TINY if a != "--dtype=float32"]
-    cfg = parse_args(cuda + [f"--dataset={dataset}", f"--out_dir={tmp_path / 'eager'}", "--max_iters=20",
-                             "--eval_interval=20"])
-    ref = losses_of(train.main(cfg, log=lambda *a: None)["run_log"])
-    cfg = parse_args(cuda + [f"--dataset={dataset}", f"--out_dir={tmp_path / 'fast'}", "--max_iters=20",
-                             "--eval_interval=20", *extra])
-    got = losses_of(train.main(cfg, log=lambda *a: None)["run_log"])
-    assert all(abs(got[i] - ref[i]) < 0.05 * ref[i] for i in ref)
+
+    def curve(name, *more):
+        cfg = parse_args(cuda + [f"--dataset={dataset}", f"--out_dir={tmp_path / name}", "--max_iters=20",
+                                 "--eval_interval=20", *more])
+        return losses_of(train.main(cfg, log=lambda *a: None)["run_log"])
+
+    f32, ref, got = curve("f32", "--dtype=float32"), curve("eager"), curve("fast", *extra)
+    explained = max(abs(ref[i] - f32[i]) / f32[i] for i in f32)
+    bound = max(2 * explained, 0.002)
+    base = f32 if "--dtype=float16" in extra else ref
+    assert all(abs(got[i] - base[i]) <= bound * base[i] for i in base), (bound, got, base)
     assert got[20] < got[1] - 0.5
 
 

@@ -22,8 +22,9 @@ from engine.checkpoint import fsync_dir
 MFU_CONVENTION = "PaLM: flops/token = 6*N + 12*L*H*Q*T; N = matmul weights incl. output projection; per device"
 
 # Dense bf16 tensor-core peaks, FLOP/s, matched against the device name (first match wins, most specific first).
-PEAK_FLOPS = [
+PEAK_FLOPS = [  # matched in order, the most specific name first ("H200 NVL" before "H200")
     ("GH200", 989e12),
+    ("H200 NVL", 835e12),  # the PCIe card at its lower power: the H100 NVL's dense bf16
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),

@@ -350,3 +350,16 @@ def test_post_training_resumes_exactly(chat, tmp_path, objective, extra):
     a = load_checkpoint(list_checkpoints(tmp_path / "straight")[-1])["model"]
     b = load_checkpoint(list_checkpoints(tmp_path / "parts")[-1])["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA B200", 2250e12),
+    ("NVIDIA GH200 480GB", 989e12), ("Tesla T4", None),
+])
+def test_peak_table_takes_the_most_specific_name(name, peak):
+    """torch.cuda.get_device_name's strings as the cards report them, against their dense bf16 peaks."""
+    from engine.runlog import lookup_peak_flops
+
+    assert lookup_peak_flops(name) == peak

@@ -163,9 +163,13 @@ def estimate(cfg, model, world, T, dtype, batch_size=None, mode=None, activation
     mc = model.config
     ranks = state_bytes(model, mode, world, opt)
     state = ranks[rank if rank is not None else max(range(world), key=lambda r: sum(ranks[r].values()))]
-    rows = B * (2 if cfg.objective == "dpo" else 1)  # DPO: chosen and rejected in one forward
+    pair = 2 if cfg.objective == "dpo" else 1  # DPO: chosen and rejected in one forward
+    rows = B * pair
+    # the rows a rank takes per optimizer step, whatever the micro-batch (accumulation keeps the global batch)
+    step_rows = max(1, cfg.batch_size * cfg.gradient_accumulation_steps // world)
     chunk = cfg.loss_chunk_size if cfg.objective != "dpo" else 0  # DPO's forward has no targets
     if eval_only:
+        tail = 0
         parts = {"params": state["params"], "grads": 0, "optimizer": 0, "activations": 0, "recompute": 0,
                  "loss": loss_bytes(mc, rows, T, dtype, chunk) - (4 * mc.vocab_size * mc.n_embd if chunk else 0),
                  "batches": rows * T * 16}
@@ -177,12 +181,9 @@ def estimate(cfg, model, world, T, dtype, batch_size=None, mode=None, activation
         parts = dict(state)
         if mode != "fsdp" and world > 1:
             parts["ddp_buckets"] = state["grads"]  # DDP's flat copy of the gradients beside .grad
-        # the step's int64 inputs and targets, all its micro-batches taken at once (as many rows per rank whatever
-        # the micro-batch, since accumulation keeps the global batch)
-        step_rows = max(1, cfg.batch_size * cfg.gradient_accumulation_steps // world)
+        # the step's int64 inputs and targets: all its micro-batches are taken at once
         parts.update({"activations": acts, "recompute": block if ac else 0,
-                      "loss": loss_bytes(mc, rows, T, dtype, chunk),
-                      "batches": step_rows * (2 if cfg.objective == "dpo" else 1) * T * 16})
+                      "loss": loss_bytes(mc, rows, T, dtype, chunk), "batches": step_rows * pair * T * 16})
     if mode == "fsdp":
         pbytes = 2 if device_type == "cuda" and dtype == "bfloat16" else 4  # FSDP's bf16 parameter policy on CUDA
         blk = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
@@ -195,9 +196,7 @@ def estimate(cfg, model, world, T, dtype, batch_size=None, mode=None, activation
     # they are made in the backward as the activations are freed, and dropped after the update). In the backward:
     # the gradients, and under checkpointing the blocks' inputs and the block being recomputed (the loss's tensors
     # and the tail, what the final norm and output projection keep, are gone by then).
-    step_rows = max(1, cfg.batch_size * cfg.gradient_accumulation_steps // world)
     accumulating = step_rows > B
-    tail = 0 if eval_only else tail
     forward = parts["activations"] + parts["loss"] + (parts["grads"] if accumulating else 0)
     backward = parts["grads"] + (parts["activations"] - tail + parts["recompute"] if ac else 0)
     transient = ("activations", "loss", "grads", "recompute")

@@ -64,9 +64,11 @@ def fmt_gb(b):
 
 
 def plan(cfg, gpus, memory, peak, mfu, tokens, margin=0.1):
-    """Everything the tool prints, as one dict."""
+    """Everything the tool prints, as one dict. tokens: a count, or a function of the parameter count."""
     with torch.device("meta"):
         model = GPT(model_config(cfg, data_vocab(cfg), "sdpa"))
+    if callable(tokens):
+        tokens = tokens(model.num_params())
     T = cfg.block_size or model.config.block_size
     dtype = "float32" if cfg.dtype == "float32" else "float16" if cfg.dtype == "float16" else "bfloat16"
     global_rows = cfg.batch_size * cfg.gradient_accumulation_steps  # rows per optimizer step, whole job
@@ -229,11 +231,9 @@ def main(argv=None, out=print):
             raise SystemExit(f"plan.py: {args.from_run} records no MFU (a CPU run without --peak_flops?)")
     mfu = mfu or 0.45
     tokens = parse_tokens(args.tokens) if args.tokens else None
-    res = plan(cfg, args.gpus, memory, peak, mfu, tokens, args.margin)
     if args.chinchilla:
-        N = res["params"]
-        res = plan(cfg, args.gpus, memory, peak, mfu,
-                   TOKENS_PER_PARAM * N if args.chinchilla == "20n" else optimal_tokens(N), args.margin)
+        tokens = (lambda n: TOKENS_PER_PARAM * n) if args.chinchilla == "20n" else optimal_tokens
+    res = plan(cfg, args.gpus, memory, peak, mfu, tokens, args.margin)
     lines = []
     if args.measure:
         res["measured"] = measure(cfg, out=lines.append)

@@ -42,6 +42,7 @@ from engine.checkpoint import (
 )
 from engine.config import MODEL_KEYS, ConfigError, config_dict, help_text, parse_args
 from engine.data.bins import DataError, TokenDataset, resolve_dataset_dir, to_device, train_batches
+from engine.data.chat import chat_spec
 from engine.data.tokenizers import resolve_tokenizer
 from engine.evals import check_task, evaluate_tasks, load_task
 from engine.health import HealthMonitor, TrainingDiverged
@@ -302,7 +303,12 @@ def make_task(cfg, mc, T, data_dir, tok, log):
     max_len = cfg.max_seq_length or T
     if max_len > mc.block_size:
         raise ConfigError(f"max_seq_length={max_len} exceeds the model's limit of {mc.block_size} positions")
-    return (SFTTask if cfg.objective == "sft" else DPOTask)(cfg, tok, max_len, log)
+    try:
+        fmt = chat_spec(tok, cfg.chat_format, cfg.enable_thinking, cfg.chat_learn_newline)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    log(f"chat format: {fmt}")
+    return (SFTTask if cfg.objective == "sft" else DPOTask)(cfg, tok, max_len, log, fmt)
 
 
 def downstream_tasks(cfg, data_dir, tok, mc):
@@ -327,8 +333,10 @@ def downstream_tasks(cfg, data_dir, tok, mc):
 
 def settle_config(cfg, task, tok, log):
     """The run's config as resolved, the one place it changes: the tokenizer found (recorded, so that later tools
-    find it) and max_iters from num_train_epochs."""
+    find it), SFT/DPO's chat format, and max_iters from num_train_epochs."""
     changes = {"tokenizer": tok.name, "tokenizer_path": tok.path} if tok else {}
+    if getattr(task, "chat", None):  # SFT and DPO record the format they rendered (sample.py --chat renders it)
+        changes["chat_format"] = task.chat.name
     if task.iters_per_epoch and cfg.num_train_epochs:
         changes["max_iters"] = max(1, math.ceil(cfg.num_train_epochs * task.iters_per_epoch))
         log(f"{cfg.num_train_epochs} epochs of {task.iters_per_epoch} iterations: max_iters={changes['max_iters']}")

@@ -1,9 +1,12 @@
-# SFT of a tiny Qwen3-family model with the Qwen ChatML template on the toy chat data, on CPU in minutes:
+# SFT of a tiny Qwen3-family model on the toy chat data, on CPU in minutes, in Qwen3's own chat template (the qwen3
+# tokenizer's default): the toy answers carry no reasoning, so each final reply learns an empty think block first
+# (add enable_thinking = False for the no-think rendering, or chat_format = "chatml" for Qwen3-2507's):
 #   python data/toy_chat/make_toy.py && python train.py config/sft_qwen_toy.py
 out_dir = "out-sft-qwen-toy"
 objective = "sft"
 dataset = "data/toy_chat/sft.jsonl"
 tokenizer = "qwen3"
+chat_format = "qwen3"
 device = "cpu"
 preset = "tiny_qwen3"
 block_size = 64

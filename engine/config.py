@@ -12,6 +12,8 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
+from engine.data.chat import FORMATS as CHAT_FORMATS
+
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says how."""
@@ -46,6 +48,12 @@ class TrainConfig:
     tokenizer: str | None = key(None, "gpt2 | llama2 | llama3 | qwen3 | hf:<dir>; None: init_from's (hf dir) or the "
                                       "checkpoint's")
     tokenizer_path: str | None = key(None, "your own tokenizer file for the tokenizer named")
+    chat_format: str | None = key(None, "SFT/DPO: llama3 | llama2 | chatml | qwen2.5 | qwen3 | tulu | template (the "
+                                        "table in docs/post_training.md); None: the tokenizer's own")
+    enable_thinking: bool = key(True, "chat_format=qwen3: the reply opens with its think block, learned (Qwen3's "
+                                      "thinking mode); False: an empty think block ends the prompt (no-think mode)")
+    chat_learn_newline: bool = key(False, "SFT/DPO: also learn the newline after each reply's end token (chatml, "
+                                          "qwen2.5, qwen3, tulu), as TRL's training templates do")
     max_seq_length: int | None = key(None, "SFT/DPO: tokens per example after truncation; None: block_size")
     packing: bool = key(False, "SFT: pack several examples per row, each attending only to itself")
     num_train_epochs: float | None = key(None, "SFT/DPO: run length in epochs; sets max_iters")
@@ -291,6 +299,9 @@ def validate(cfg):
         raise ConfigError("num_train_epochs is for objective=sft or dpo; pretraining runs max_iters steps")
     if cfg.packing and cfg.objective != "sft":
         raise ConfigError("packing=True is for objective=sft")
+    if cfg.chat_format is not None and cfg.chat_format not in CHAT_FORMATS:
+        raise ConfigError(f"chat_format={cfg.chat_format!r} is not one of {', '.join(CHAT_FORMATS)} (or None: the "
+                          f"tokenizer's own)")
 
 
 def spell_out(cfg):

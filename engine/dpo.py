@@ -153,12 +153,13 @@ def _plain(name):
     return name.replace("_orig_mod.", "").replace("module.", "")
 
 
-def reference_key(items, model, tok, max_len, **extra):
-    """What the reference log-probs of `items` depend on, as a JSON-able dict; `extra` adds settings of the caller
-    that change the numbers (the autocast dtype, say)."""
+def reference_key(items, model, tok, max_len, fmt=None, **extra):
+    """What the reference log-probs of `items` depend on, as a JSON-able dict; `fmt` is the chat format the pairs
+    were rendered in (None: the tokenizer's own); `extra` adds settings of the caller that change the numbers (the
+    autocast dtype, say)."""
     return {"format": 1, "pairs": len(items), "data": items_hash(items), "weights": weights_hash(model),
-            "tokenizer": tok.name, "tokenizer_sha256": tok.file_sha256, "chat_format": chat_format(tok),
-            "max_len": max_len, **extra}
+            "tokenizer": tok.name, "tokenizer_sha256": tok.file_sha256,
+            "chat_format": str(fmt) if fmt is not None else chat_format(tok), "max_len": max_len, **extra}
 
 
 class ReferenceCacheError(ValueError):

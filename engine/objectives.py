@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from engine import distributed as D
 from engine.config import ConfigError
 from engine.data.bins import EVAL, BatchSampler
+from engine.data.chat import chat_spec
 from engine.data.chat_data import (
     IGNORE,
     collate,
@@ -128,14 +129,22 @@ def split_val(n, cfg):
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
+def _tokenized(tokenize, tok, records, max_len, fmt):
+    try:
+        return tokenize(tok, records, max_len, fmt)
+    except ValueError as e:  # a conversation the chat format cannot render (roles, a reasoning trace it has no
+        raise ConfigError(f"{e} (chat format {fmt})") from None  # place for): the message says what to change
+
+
 class SFTTask(EpochTask):
     """Next-token loss on the assistant tokens of chat data; rows optionally packed with per-example attention."""
 
     metric_names = ()
 
-    def __init__(self, cfg, tok, max_len, log=print):
+    def __init__(self, cfg, tok, max_len, log=print, fmt=None):
         convs = load_sft(cfg.dataset, limit=cfg.max_examples)
-        examples, dropped = tokenize_all(tok, convs, max_len)
+        self.chat = fmt = fmt or chat_spec(tok)  # engine/data/chat.py's ChatFormat; None: the tokenizer's own
+        examples, dropped = _tokenized(tokenize_all, tok, convs, max_len, fmt)
         if dropped:
             log(f"sft: {dropped} of {len(convs)} conversations have no assistant token within max_seq_length="
                 f"{max_len} and are left out")
@@ -173,9 +182,10 @@ class DPOTask(EpochTask):
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
                     "logps/rejected")
 
-    def __init__(self, cfg, tok, max_len, log=print):
+    def __init__(self, cfg, tok, max_len, log=print, fmt=None):
         triples = load_dpo(cfg.dataset, limit=cfg.max_examples, log=log)
-        self.items, dropped = tokenize_pairs(tok, triples, max_len)
+        self.chat = fmt = fmt or chat_spec(tok)
+        self.items, dropped = _tokenized(tokenize_pairs, tok, triples, max_len, fmt)
         if dropped:
             log(f"dpo: {dropped} of {len(triples)} pairs have no completion token within max_seq_length={max_len} "
                 "and are left out")
@@ -202,7 +212,8 @@ class DPOTask(EpochTask):
         self.key = saved_key
         if saved_key is None:  # hashed on rank 0, which gathers the full weights whatever the sharding
             weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            key = [reference_key(self.items, weights, self.tok, self.max_len, dtype=dtype) if weights else None]
+            key = [reference_key(self.items, weights, self.tok, self.max_len, self.chat, dtype=dtype)
+                   if weights else None]
             if dist.is_initialized():
                 dist.broadcast_object_list(key, src=0)
             self.key = key[0]

@@ -38,6 +38,7 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Add 2 and 3."},
         {"role": "assistant", "content": "5"}]
 END = {"gpt2": "<|endoftext|>", "llama3": "<|eot_id|>", "qwen3": "<|im_end|>"}
+THINK = {"gpt2": "", "llama3": "", "qwen3": "<think>\n\n</think>\n\n"}  # an empty think block
 # open-instruct's Tulu template, with transformers' generation tags marking what the model learns
 TULU = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
         "{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{% if not loop.last %}{{ '\n' }}{% endif %}"
@@ -249,7 +250,7 @@ def test_tulu_matches_transformers_template_and_assistant_mask(tmp_path):
         assert chat_ids(tok, msgs) == (out["input_ids"], out["assistant_masks"])
     prompt = ref.apply_chat_template(CHAT[:4], chat_template=TULU, add_generation_prompt=True, return_dict=True)
     assert chat_prompt(tok, CHAT[:4]) == (prompt["input_ids"], {50256})
-    with pytest.raises(ValueError, match="has none"):
+    with pytest.raises(ValueError, match="needs an end-of-text token"):
         chat_ids(get_tokenizer("char", chars="abc"), CHAT)
 
 
@@ -288,7 +289,10 @@ def test_llama3_rendering_matches_meta_chat_format():
 
 
 def _expected_runs(name, msgs):
-    return [m["content"] + END[name] for m in msgs if m["role"] == "assistant"]
+    """What SFT learns of each answer: qwen3's default format (thinking on) opens the last with its think block."""
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return [(THINK[name] if i == last else "") + m["content"] + END[name] for i, m in enumerate(msgs)
+            if m["role"] == "assistant"]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3"])
@@ -299,7 +303,7 @@ def test_sft_labels_are_the_assistant_tokens(name):
         assert len(ids) == len(labels) and ids[0] == chat_ids(tok, msgs)[0][0]
         assert _runs(tok, ids, labels) == _expected_runs(name, msgs)
     if name == "qwen3":  # ChatML ends each turn with a newline, which is not learned
-        ids, labels = tokenize_sft(tok, CHAT[1:3], 1000)
+        ids, labels = tokenize_sft(tok, CHAT[1:3], 1000, "chatml")
         assert labels[-1] == IGNORE and tok.decode(ids) == (
             "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello! How can I help?<|im_end|>")
 
@@ -353,7 +357,7 @@ def test_chat_prompt_is_the_training_prefix(name):
     prompt, stop = chat_prompt(tok, CHAT[:4])
     ids, mask = chat_ids(tok, CHAT)
     assert ids[:len(prompt)] == prompt and mask[len(prompt) - 1] == 0 and mask[len(prompt)] == 1
-    assert _learned(tok, ids[len(prompt):], mask[len(prompt):]) == "5" + END[name]
+    assert _learned(tok, ids[len(prompt):], mask[len(prompt):]) == THINK[name] + "5" + END[name]
     assert tok.special_tokens[END[name]] in stop and tok.eot_id in stop
 
 
@@ -379,6 +383,10 @@ def test_hf_template_tokenizer(tmp_path):
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3"])
 def test_truncation_keeps_the_start(name):
     tok = _tok(name)
+    if name == "qwen3":  # its template writes an answer differently when it is the last: checked on its ChatML
+        tok = types.SimpleNamespace(**{k: getattr(tok, k) for k in ("name", "special_tokens", "eot_id", "bos_id",
+                                                                    "encode", "decode", "normalize", "encode_offsets")},
+                                    chat_format="chatml")
     full, mask = chat_ids(tok, CHAT)
     second = max(i for i, m in enumerate(mask) if m and not mask[i - 1])  # first token of the last answer
     ids, labels = tokenize_sft(tok, CHAT, second)  # the cut leaves the last answer's first token only

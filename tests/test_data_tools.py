@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.data.chat import chat_spec
 from engine.data.chat_data import ChatDataError, load_sft, tokenize_sft
 from engine.data.tokenizers import get_tokenizer
 
@@ -67,11 +68,18 @@ def test_sft_lengths_match_chatml_rendered_by_hand(tmp_path):
         for c in convs[20:]]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    kind, lengths, dropped = analyze.record_lengths(path, get_tokenizer("qwen3"), num_proc=2)
+    tok = get_tokenizer("qwen3")
+    kind, lengths, dropped = analyze.record_lengths(path, tok, num_proc=2, fmt=chat_spec(tok, "chatml"))
     chatml = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in c) for c in convs]
     # what training takes of max_seq_length: input_ids, the rendering less its last token
     assert kind == "sft" and dropped == 0
     assert lengths["sequence"].tolist() == [len(ref.encode(t, allowed_special="all")) - 1 for t in chatml]
+    # the qwen3 tokenizer's own format, Qwen3's template: the (last) answer opens with an empty think block
+    _, lengths, _ = analyze.record_lengths(path, tok, num_proc=2)
+    qwen3 = [t.replace("assistant\n", "assistant\n<think>\n\n</think>\n\n") for t in chatml]
+    names = [t for _, t in ref_mod.QWEN3_5_SPECIAL_TOKENS][:26]  # Qwen3's special tokens, <think> among them
+    ref = ref_mod.QwenTokenizer(str(tokenizer_file("qwen3")[0]), special_tokens=list(enumerate(names, 151643)))
+    assert lengths["sequence"].tolist() == [len(ref.encode(t, allowed_special="all")) - 1 for t in qwen3]
 
 
 def test_sft_lengths_and_errors_are_what_training_sees(tmp_path):

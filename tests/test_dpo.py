@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from engine.data.chat import ChatFormat
 from engine.data.chat_data import collate_pairs, dpo_messages, make_toy_dpo, tokenize_pairs
 from engine.dpo import (
     ReferenceCache,
@@ -191,7 +192,9 @@ def test_reference_cache_round_trip_and_refusals(tmp_path):
     changed = {"data": reference_key(_items(5, seed=1), model, _Tok(), 16, dtype="float32"),
                "weights": reference_key(items, other, _Tok(), 16, dtype="float32"),
                "max_len": reference_key(items, model, _Tok(), 17, dtype="float32"),
-               "dtype": reference_key(items, model, _Tok(), 16, dtype="bfloat16")}
+               "dtype": reference_key(items, model, _Tok(), 16, dtype="bfloat16"),
+               "chat_format": reference_key(items, model, _Tok(), 16, ChatFormat("tulu", learn_newline=True),
+                                            dtype="float32")}
     for what, k in changed.items():
         assert [n for n in k if k[n] != key[n]] == [what], what
         stale = ReferenceCache(tmp_path, k)

@@ -159,6 +159,57 @@ def test_dpo_learns_the_rule_without_running_the_reference(chat, tmp_path, monke
     assert calls["n"] == 1 + n_eval
 
 
+QWEN_SFT = ["--objective=sft", "--tokenizer=qwen3", "--device=cpu", "--dtype=float32", "--preset=tiny_qwen3",
+            "--block_size=64", "--max_seq_length=64", "--batch_size=4", "--max_iters=2", "--eval_iters=1",
+            "--eval_interval=2", "--log_interval=1", "--gradient_log_interval=0", "--val_fraction=0.05",
+            "--max_examples=40"]
+
+
+def test_chat_format_reaches_the_data_the_checkpoint_and_sampling(chat, tmp_path, capsys):
+    from engine.data.chat import chat_prompt, chat_spec
+    from tools import sample
+
+    logged = []
+    train.main(parse_args(QWEN_SFT + [f"--dataset={chat / 'sft.jsonl'}", f"--out_dir={tmp_path}",
+                                      "--enable_thinking=False"]), log=logged.append)
+    assert "chat format: qwen3 (enable_thinking=False)" in logged
+    cfg = run_log(tmp_path)["config"]
+    assert (cfg["chat_format"], cfg["enable_thinking"]) == ("qwen3", False)  # the tokenizer's own, recorded
+    # the rows trained on are the no-think rendering: the empty think block is in the prompt, not learned
+    tok = get_tokenizer("qwen3")
+    fmt = chat_spec(tok, "qwen3", enable_thinking=False)
+    task = train.make_task(parse_args(QWEN_SFT + [f"--dataset={chat / 'sft.jsonl'}", "--enable_thinking=False"]),
+                           ModelConfig.from_preset("tiny_qwen3"), 64, None, tok, lambda *a: None)
+    learned = sorted(t for r in task.train + task.val for t in r["labels"] if t != -100)
+    examples, _ = tokenize_all(tok, [sft_messages(r) for r in make_toy_sft(40, seed=0)], 64, fmt)
+    assert learned == sorted(t for _, labels in examples for t in labels if t != -100)
+    assert 151667 not in learned and 151645 in learned
+    # sample.py --chat renders the prompt the run trained on, unless told otherwise
+    msgs = [{"role": "user", "content": "Hi"}]
+    for extra, want in (([], fmt), (["--enable_thinking=true"], chat_spec(tok, "qwen3"))):
+        sample.main([f"--out_dir={tmp_path}", "--chat", "--prompt=Hi", "--max_new_tokens=2", "--device=cpu",
+                     *extra])
+        err = capsys.readouterr().err
+        assert f"chat format {want}, {len(chat_prompt(tok, msgs, want)[0])} prompt tokens" in err
+
+
+def test_chat_format_errors_name_the_fix(chat, tmp_path):
+    with pytest.raises(ConfigError, match="chat_format='qwen4' is not one of"):
+        parse_args(["--chat_format=qwen4"])
+    gpt2 = SFT + [f"--dataset={chat / 'sft.jsonl'}", f"--out_dir={tmp_path}", "--max_iters=1"]
+    with pytest.raises(ConfigError, match=r"chat format chatml needs <\|im_start\|>.*can render tulu"):
+        train.main(parse_args(gpt2 + ["--chat_format=chatml"]), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="enable_thinking=False applies to the qwen3"):
+        train.main(parse_args(gpt2 + ["--enable_thinking=False"]), log=lambda *a: None)
+    traced = tmp_path / "traced.jsonl"
+    write_jsonl([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 3 + [
+        {"messages": [{"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "a", "reasoning_content": "because"}]}], traced)
+    with pytest.raises(ConfigError, match="conversation 3 .*reasoning_content.*chat_format=qwen3"):
+        train.main(parse_args(SFT + [f"--dataset={traced}", f"--out_dir={tmp_path}", "--max_iters=1"]),
+                   log=lambda *a: None)
+
+
 def test_post_training_config_errors(chat, tmp_path):
     with pytest.raises(ConfigError, match="packing=True is for objective=sft"):
         parse_args(["--packing=True"])

@@ -169,7 +169,8 @@ def test_chat_prompt_chatml_and_llama3():
     ids, stop = chat_prompt(tok, HI)
     assert tok.decode(ids) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
                                "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert stop == {tok.special_tokens["<|eot_id|>"], tok.special_tokens["<|end_of_text|>"]}
+    # Meta's stop tokens: end of turn, end of message (a tool call), end of text
+    assert stop == {tok.special_tokens[s] for s in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")}
 
 
 def test_chat_prompt_uses_a_transformers_chat_template(tmp_path):

@@ -12,7 +12,8 @@ training reads: .jsonl/.json/.parquet files, folders, globs, hub:NAME) go throug
 So a length is what the example takes of max_seq_length: its input_ids, the rendered conversation less its last
 token (labels are the next tokens), and an example fits max_seq_length=L untruncated exactly when its length <= L.
 Examples that training leaves out (nothing to learn; DPO pairs whose chosen equals rejected) are left out here too.
-The tokenizer is --tokenizer (a name, hf:<dir>, or a prepared dataset whose tokenizer it is).
+The tokenizer is --tokenizer (a name, hf:<dir>, or a prepared dataset whose tokenizer it is); the chat format
+--chat_format (and --enable_thinking=false for qwen3's no-think rendering), else the tokenizer's own, as in training.
 """
 import argparse
 import json
@@ -24,26 +25,27 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.data.chat import FORMATS, chat_spec
 from engine.data.chat_data import load_dpo, load_records, load_sft, tokenize_pair, tokenize_sft
 from engine.data.tokenizers import resolve_tokenizer
 
-_TOK = None
+_TOK = _FMT = None
 
 
 def _lengths(job):
     kind, items = job
     if kind == "dpo":
-        pairs = [tokenize_pair(_TOK, *t, sys.maxsize) for t in items]
+        pairs = [tokenize_pair(_TOK, *t, sys.maxsize, _FMT) for t in items]
         return [None if x is None else [len(x["chosen_ids"]), len(x["rejected_ids"])] for x in pairs]
-    return [None if x is None else [len(x[0])] for x in (tokenize_sft(_TOK, m, sys.maxsize) for m in items)]
+    return [None if x is None else [len(x[0])] for x in (tokenize_sft(_TOK, m, sys.maxsize, _FMT) for m in items)]
 
 
-def record_lengths(source, tok, num_proc=1):
+def record_lengths(source, tok, num_proc=1, fmt=None):
     """(kind, lengths, dropped): "sft" with {"sequence"}, or "dpo" with {"chosen", "rejected", "pair"}, each the
     input_ids length training gives an example; dropped, the examples training would leave out for having nothing
-    to learn."""
-    global _TOK
-    _TOK = tok
+    to learn. fmt: the chat format (chat_spec), None: the tokenizer's own."""
+    global _TOK, _FMT
+    _TOK, _FMT = tok, fmt if fmt is not None else chat_spec(tok)
     source = str(source)
     first = load_records(source, limit=1)
     kind = "dpo" if first and {"chosen", "rejected"} <= set(first[0][1]) else "sft"
@@ -108,7 +110,7 @@ def table(report, max_lengths):
 
 
 def analyze(path, tokenizer=None, tokenizer_path=None, max_lengths=(256, 512, 1024, 2048, 4096, 8192), coverage=0.99,
-            num_proc=1):
+            num_proc=1, chat_format=None, enable_thinking=True):
     p = Path(path)
     folder = p.parent if p.name == "meta.json" else p
     if (folder / "meta.json").is_file():  # prepared bins; anything else is SFT or DPO records
@@ -118,8 +120,10 @@ def analyze(path, tokenizer=None, tokenizer_path=None, max_lengths=(256, 512, 10
         if not tokenizer:
             raise ValueError("SFT and DPO data need --tokenizer to count tokens")
         tok = resolve_tokenizer(tokenizer, tokenizer_path).tok
-        (kind, lengths, dropped), tok_name = record_lengths(path, tok, num_proc), tok.name
+        fmt = chat_spec(tok, chat_format, enable_thinking)
+        (kind, lengths, dropped), tok_name = record_lengths(path, tok, num_proc, fmt), tok.name
     return {"path": str(path), "kind": kind, "tokenizer": tok_name, "coverage": coverage, "dropped": dropped,
+            **({"chat_format": str(fmt)} if kind != "pretrain" else {}),
             "stats": {k: stats(v, max_lengths, coverage) for k, v in lengths.items()}}
 
 
@@ -128,6 +132,9 @@ def main():
     p.add_argument("path", help="a prepared data folder, or an SFT/DPO source (files, folders, globs, hub:NAME)")
     p.add_argument("--tokenizer", help="gpt2, llama2, llama3, qwen3, hf:<folder> or a prepared dataset (SFT/DPO)")
     p.add_argument("--tokenizer_path", help="your own tokenizer file, or a folder holding it")
+    p.add_argument("--chat_format", choices=FORMATS, help="SFT/DPO: the chat format (default: the tokenizer's own)")
+    p.add_argument("--enable_thinking", choices=("true", "false"), default="true",
+                   help="SFT/DPO with chat_format qwen3: false renders the no-think prompt")
     p.add_argument("--max_lengths", default="256,512,1024,2048,4096,8192")
     p.add_argument("--coverage", type=float, default=0.99, help="share of sequences the recommendation must hold")
     p.add_argument("--num_proc", type=int, default=os.cpu_count())
@@ -135,10 +142,12 @@ def main():
     a = p.parse_args()
     max_lengths = [int(m) for m in a.max_lengths.split(",")]
     try:
-        report = analyze(a.path, a.tokenizer, a.tokenizer_path, max_lengths, a.coverage, a.num_proc)
+        report = analyze(a.path, a.tokenizer, a.tokenizer_path, max_lengths, a.coverage, a.num_proc, a.chat_format,
+                         a.enable_thinking == "true")
     except (ValueError, OSError) as e:  # bad records or a tokenizer that cannot load: the message says which
         p.error(str(e))
-    print(f"{report['path']} ({report['kind']}, {report['tokenizer']} tokens)")
+    print(f"{report['path']} ({report['kind']}, {report['tokenizer']} tokens"
+          + (f", chat format {report['chat_format']})" if "chat_format" in report else ")"))
     if report["dropped"]:
         print(f"{report['dropped']} examples are left out for having nothing to learn, as training leaves them out")
     print(table(report, max_lengths))

@@ -8,8 +8,12 @@ Generate text from one of our checkpoints or a local transformers model, with a 
 The tokenizer is the one the run trained with: the tokenizer (and tokenizer_path) its checkpoint's config records,
 else the one its dataset was made with (data/<dataset>/meta.json); for a transformers directory, its own tokenizer
 files. --tokenizer overrides it with a name (gpt2, llama2, llama3, qwen3; --tokenizer_path for your own file),
-hf:<dir>, or a dataset folder. Generation stops at the tokenizer's end-of-text token (in --chat mode, also at the end
-of the assistant's turn).
+hf:<dir>, or a dataset folder. Generation stops at the tokenizer's end-of-text token (in --chat mode, also at the
+tokens that end the assistant's turn: <|eot_id|> and <|eom_id|> for Llama 3, <|im_end|> for Qwen).
+
+--chat renders the prompt as a user turn in the chat format the run trained with (its config's chat_format and
+enable_thinking), else the tokenizer's own; --chat_format and --enable_thinking override them (for qwen3,
+--enable_thinking=false ends the prompt with an empty think block, Qwen3's no-think mode).
 """
 import argparse
 import os
@@ -21,7 +25,7 @@ import torch
 
 from engine.checkpoint import CheckpointError, find_latest, load_checkpoint
 from engine.data.bins import DataError
-from engine.data.chat import chat_prompt
+from engine.data.chat import FORMATS, chat_prompt, chat_spec
 from engine.data.tokenizers import resolve_tokenizer
 from engine.generate import generate
 from model import GPT, ModelConfig
@@ -46,10 +50,17 @@ def checkpoint_model(path):
     return model, state.get("config") or {}, f"{path} (iteration {state['iter_num']})"
 
 
-def prompt_ids(tok, args, text):
+def chat_format_of(tok, args, saved):
+    """The chat format --chat renders: --chat_format / --enable_thinking, else what the run recorded."""
+    saved = saved or {}
+    thinking = saved.get("enable_thinking", True) if args.enable_thinking is None else args.enable_thinking == "true"
+    return chat_spec(tok, args.chat_format or saved.get("chat_format"), thinking)
+
+
+def prompt_ids(tok, args, text, fmt=None):
     """The prompt's ids and the ids that end a sample."""
     if args.chat:
-        return chat_prompt(tok, [{"role": "user", "content": text}])
+        return chat_prompt(tok, [{"role": "user", "content": text}], fmt)
     ids = tok.encode(text)
     if not ids:  # nothing to condition on: start as a document starts
         start = tok.bos_id if tok.bos_id is not None else tok.eot_id
@@ -65,6 +76,9 @@ def main(argv=None):
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--prompt_file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    p.add_argument("--chat_format", choices=FORMATS, help="--chat: this format instead of the run's")
+    p.add_argument("--enable_thinking", choices=("true", "false"), help="--chat with qwen3: false ends the prompt "
+                                                                         "with an empty think block (no-think mode)")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -98,7 +112,8 @@ def main(argv=None):
         model, saved, where = load_model(args)
         r = resolve_tokenizer(args.tokenizer, args.tokenizer_path, hf_dir=args.init_from, saved=saved)
         tok = r.tok
-        ids, stop = prompt_ids(tok, args, text)
+        fmt = chat_format_of(tok, args, saved) if args.chat else None
+        ids, stop = prompt_ids(tok, args, text, fmt)
     except (CheckpointError, DataError, ValueError, OSError, KeyError) as e:
         p.error(str(e))
     model.to(device).eval()
@@ -106,7 +121,7 @@ def main(argv=None):
     if len(ids) >= block:
         print(f"warning: the prompt has {len(ids)} tokens; the model sees the last {block}", file=sys.stderr)
     print(f"{where}: {model.num_params() / 1e6:.2f}M parameters, tokenizer {tok.name} (from {r.source}), "
-          f"{len(ids)} prompt tokens", file=sys.stderr)
+          + (f"chat format {fmt}, " if fmt else "") + f"{len(ids)} prompt tokens", file=sys.stderr)
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)

@@ -26,8 +26,9 @@ against labels[:, t] over the learned tokens. max_len counts input_ids, so it is
 first max_len + 1 tokens of a conversation. Learned tokens are what the chat format's mask marks: each assistant
 message's content and the token that ends its turn; in DPO only those of the completion, never the prompt's.
 
-Conversations are rendered in the tokenizer's chat format by engine/data/chat.py (chat_ids): its own (llama3,
-chatml for qwen3, llama2, an hf: folder's chat template), else the Tulu format.
+Conversations are rendered by engine/data/chat.py (chat_ids) in the chat format asked for (train.py's chat_format),
+else the tokenizer's own (llama3, qwen3, llama2, an hf: folder's chat template), else the Tulu format. An assistant
+message may carry a "reasoning_content" string, its reasoning trace (the qwen3 format's think block).
 """
 import itertools
 import json
@@ -38,7 +39,7 @@ import torch
 
 from engine.data import records
 from engine.data.bins import DataError
-from engine.data.chat import chat_format, chat_ids
+from engine.data.chat import ChatFormat, chat_ids, chat_spec, chat_text
 
 IGNORE = -100
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -98,6 +99,12 @@ def _messages(turns, where, field):
         if not isinstance(content, str):
             raise ChatDataError(f"{where}: {field}[{j}] content is {type(content).__name__}, not a string")
         out.append({"role": ROLES[role], "content": content})
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None:
+            if ROLES[role] != "assistant" or not isinstance(reasoning, str):
+                raise ChatDataError(f"{where}: {field}[{j}] has a reasoning_content, which is a string on an "
+                                    f"assistant message (its reasoning trace)")
+            out[-1]["reasoning_content"] = reasoning
     return out
 
 
@@ -192,38 +199,51 @@ def _shift(ids, mask, max_len):
     return (ids[:-1], labels) if any(m for m in mask[1:]) else None
 
 
-def tokenize_sft(tok, messages, max_len):
-    """(input_ids, labels) of one conversation, at most max_len long; None if no learned token survives truncation."""
-    return _shift(*chat_ids(tok, messages), max_len)
+def tokenize_sft(tok, messages, max_len, fmt=None):
+    """(input_ids, labels) of one conversation, at most max_len long; None if no learned token survives truncation.
+    fmt: a chat format (engine/data/chat.py's chat_spec, or its name); None: the tokenizer's own."""
+    return _shift(*chat_ids(tok, messages, fmt), max_len)
 
 
-def tokenize_pair(tok, prompt, chosen, rejected, max_len):
+def tokenize_pair(tok, prompt, chosen, rejected, max_len, fmt=None):
     """{chosen_ids, chosen_labels, rejected_ids, rejected_labels} of one preference pair, labels on the completion
-    only; None if truncation leaves either completion without a learned token."""
-    p_ids, _ = chat_ids(tok, prompt)
+    only; None if truncation leaves either completion without a learned token. Each sequence is the rendering of
+    prompt + completion, tokenized as a whole (as SFT renders it); the prompt's rendering with the generation prompt
+    must be the start of it, as TRL requires."""
+    fmt = fmt if isinstance(fmt, ChatFormat) else chat_spec(tok, fmt)
+    head = chat_text(tok, prompt, fmt, add_generation_prompt=True)
     out = {}
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        ids, mask = chat_ids(tok, prompt + completion)
-        if ids[:len(p_ids)] != p_ids:
-            raise ValueError(f"the {chat_format(tok)} chat format of {tok.name} renders the prompt differently alone "
-                             f"than before its completion, so the prompt tokens cannot be told apart")
-        seq = _shift(ids, [0] * len(p_ids) + mask[len(p_ids):], max_len)
+        if not chat_text(tok, prompt + completion, fmt).startswith(head):
+            raise ValueError(f"the {fmt} chat format of {tok.name} renders the prompt differently alone than before "
+                             f"its completion, so the prompt tokens cannot be told apart")
+        seq = _shift(*chat_ids(tok, prompt + completion, fmt, learn_from=len(prompt)), max_len)
         if seq is None:
             return None
         out[f"{name}_ids"], out[f"{name}_labels"] = seq
     return out
 
 
-def tokenize_all(tok, convs, max_len):
+def tokenize_all(tok, convs, max_len, fmt=None):
     """SFT examples of many conversations, and how many were dropped for having nothing left to learn."""
-    seqs = [tokenize_sft(tok, m, max_len) for m in convs]
+    fmt = fmt if isinstance(fmt, ChatFormat) else chat_spec(tok, fmt)
+    seqs = list(_each(lambda m: tokenize_sft(tok, m, max_len, fmt), convs, "conversation"))
     return [s for s in seqs if s is not None], sum(s is None for s in seqs)
 
 
-def tokenize_pairs(tok, triples, max_len):
+def tokenize_pairs(tok, triples, max_len, fmt=None):
     """DPO items of many (prompt, chosen, rejected), and how many were dropped for having nothing left to learn."""
-    items = [tokenize_pair(tok, *t, max_len) for t in triples]
+    fmt = fmt if isinstance(fmt, ChatFormat) else chat_spec(tok, fmt)
+    items = list(_each(lambda t: tokenize_pair(tok, *t, max_len, fmt), triples, "pair"))
     return [x for x in items if x is not None], sum(x is None for x in items)
+
+
+def _each(fn, items, what):
+    for i, x in enumerate(items):
+        try:
+            yield fn(x)
+        except ValueError as e:  # which record cannot be rendered, and why
+            raise ValueError(f"{what} {i} (counted from 0, in the order read): {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
     tok = get_tokenizer("llama3")          # gpt2 | llama2 | llama3 | qwen3 | char | hf:<local folder>
     ids = tok.encode("Hello world")        # ordinary text: no special tokens added, none recognised
     tok.decode(ids), tok.vocab_size, tok.eot_id, tok.bos_id, tok.special_tokens, tok.encode_special("<|eot_id|>")
-    tok.chat_format                        # the family's chat format (llama3, chatml, llama2, template) or None
+    tok.chat_format                        # the family's default chat format (llama3, qwen3, llama2, template) or None
+    ids, spans = tok.encode_offsets(text)  # encode(text) and the UTF-8 byte range of text each id spells
     tok.token_bytes()                      # UTF-8 bytes each id spells (0: special), for bits per byte
     r = resolve_tokenizer("qwen3")         # the one a run or tool uses (a name, a dataset, a checkpoint's config)
 
@@ -122,6 +123,15 @@ class Tokenizer:
     def encode_numpy(self, text):
         return np.asarray(self.encode(text), dtype=np.int64)
 
+    def normalize(self, text):
+        """The text encode() tokenizes (NFC for qwen3; the text itself for the others)."""
+        return text
+
+    def encode_offsets(self, text):
+        """(encode(text), [(start, end)]): the UTF-8 byte range of normalize(text) that each id spells; the
+        chat formats mark what is learned with it."""
+        raise NotImplementedError(f"{type(self).__name__} gives no offsets")
+
     def encode_special(self, token):
         if token not in self.special_tokens:
             names = ", ".join(self.special_tokens) or "none"
@@ -145,11 +155,21 @@ class TiktokenTokenizer(Tokenizer):
         self.vocab_size = self.enc.n_vocab
         self.eot_id = self.special_tokens[eot]
         self.bos_id = self.special_tokens[bos] if bos else None
+        self._sizes = None  # token_bytes(), read once by encode_offsets
+
+    def normalize(self, text):
+        return unicodedata.normalize("NFC", text) if self.nfc else text
 
     def _pieces(self, text):
-        if self.nfc:
-            text = unicodedata.normalize("NFC", text)
+        text = self.normalize(text)
         return list(_meta_pieces(text)) if self.meta_cuts and len(text) > _MAX_RUN else [text]
+
+    def encode_offsets(self, text):
+        ids = self.encode(text)
+        if self._sizes is None:
+            self._sizes = self.token_bytes()
+        ends = np.cumsum(self._sizes[ids]).tolist()  # ordinary text holds no special id, so no 0 among them
+        return ids, list(zip([0, *ends[:-1]], ends))
 
     def encode(self, text):
         pieces = self._pieces(text)
@@ -203,6 +223,17 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text):  # control pieces (<s>, </s>) are never matched in input text
         return self.sp.encode(text)
 
+    def encode_offsets(self, text):
+        # from the pieces' text (sentencepiece's own offsets need protobuf): they spell the text, after the space of
+        # the dummy prefix, unless the model's normalizer rewrites it (then: no offsets)
+        ids = self.sp.encode(text)
+        spelled = [_piece_text(self.sp.id_to_piece(i)) for i in ids]
+        raw, joined = text.encode(), b"".join(spelled)
+        if joined not in (raw, b" " + raw):
+            raise NotImplementedError(f"{self.name}: this sentencepiece model rewrites the text it tokenizes")
+        ends = (np.cumsum([len(b) for b in spelled]) - (len(joined) - len(raw))).clip(0).tolist()
+        return ids, list(zip([0, *ends[:-1]], ends))
+
     def decode(self, ids):
         return self.sp.decode(list(ids))
 
@@ -215,7 +246,11 @@ class SentencePieceTokenizer(Tokenizer):
 
 def _piece_bytes(piece):
     """UTF-8 bytes of a sentencepiece-style piece: ▁ is a space, <0xNN> one byte (byte fallback)."""
-    return 1 if _BYTE_PIECE.fullmatch(piece) else len(piece.replace("▁", " ").encode())
+    return len(_piece_text(piece))
+
+
+def _piece_text(piece):
+    return bytes([int(piece[3:5], 16)]) if _BYTE_PIECE.fullmatch(piece) else piece.replace("▁", " ").encode()
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -245,6 +280,10 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
+    def encode_offsets(self, text):
+        ends = np.cumsum([len(c.encode()) for c in text]).tolist()
+        return self.encode(text), list(zip([0, *ends[:-1]], ends))
+
     def token_bytes(self):
         return np.array([len(c.encode()) for c in self.chars], dtype=np.int32)
 
@@ -273,6 +312,13 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def encode_offsets(self, text):
+        if not self.tok.is_fast:
+            raise NotImplementedError(f"{self.name} is a Python tokenizer, which gives no offsets")
+        out = self.tok(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        at = np.cumsum([0] + [len(c.encode()) for c in text]).tolist()  # character -> byte position
+        return list(out["input_ids"]), [(at[a], at[b]) for a, b in out["offset_mapping"]]
 
     def decode(self, ids):
         return self.tok.decode(list(ids))
@@ -376,7 +422,7 @@ def _load(name, path):
                                 bos="<|begin_of_text|>", chat_format="llama3", meta_cuts=True)
     elif name == "qwen3":
         tok = TiktokenTokenizer(name, _tiktoken_ranks(file), QWEN_PAT, QWEN3_SPECIALS, eot="<|endoftext|>",
-                                chat_format="chatml", nfc=True)
+                                chat_format="qwen3", nfc=True)
     else:
         tok = SentencePieceTokenizer(name, file)
     tok.path, tok.file_sha256 = path, h

@@ -15,7 +15,7 @@ writes, id for id (tests/test_chat_formats.py checks them against the references
   llama2   Meta's Llama 2 chat convention: per exchange <s>[INST] user [/INST] answer </s>, user and answer stripped,
            a system prompt as <<SYS>>\\n...\\n<</SYS>>\\n\\n before the first user message; roles alternate user,
            assistant.                                                                               Llama 2 Chat
-  chatml   per message <|im_start|>role\\ncontent<|im_end|>\\n.                  Qwen3-*-Instruct-2507 (and Qwen2)
+  chatml   per message <|im_start|>role\\ncontent<|im_end|>\\n.                  Qwen3-*-Instruct-2507
   qwen2.5  chatml, with Qwen2.5's default system prompt when the conversation has none.           Qwen2.5 Instruct
   qwen3    Qwen3's hybrid-thinking template: the assistant reply after the last user message opens with a think
            block, <think>\\nreasoning\\n</think>\\n\\n (empty without a reasoning trace), earlier replies are

@@ -51,6 +51,7 @@ trace) replaced by a placeholder; the text between placeholders is the template'
 recognised, each content is data; the first token after an assistant content ends its turn and is learned with it.
 A template that changes or repeats a content cannot be cut so; it fails, asking for {% generation %} blocks.
 """
+import functools
 import re
 from dataclasses import dataclass
 
@@ -73,9 +74,8 @@ class ChatFormat:
     learn_newline: bool = False  # chatml, qwen2.5, qwen3, tulu: learn the newline after each reply's end token
 
     def __str__(self):
-        opts = [] if self.enable_thinking else ["enable_thinking=False"]
-        return self.name + (f" ({', '.join(opts + ['learn_newline=True'] * self.learn_newline)})"
-                            if opts or self.learn_newline else "")
+        opts = ["enable_thinking=False"] * (not self.enable_thinking) + ["learn_newline=True"] * self.learn_newline
+        return f"{self.name} ({', '.join(opts)})" if opts else self.name
 
 
 def chat_format(tok):
@@ -85,7 +85,9 @@ def chat_format(tok):
 
 def chat_spec(tok, name=None, enable_thinking=True, learn_newline=False):
     """A ChatFormat for `tok`, checked: the format exists, the tokenizer has the tokens it writes, the options
-    apply to it. name None: the tokenizer's own."""
+    apply to it. name None: the tokenizer's own; a ChatFormat already made is returned as it is."""
+    if isinstance(name, ChatFormat):
+        return name
     name = name or chat_format(tok)
     if name not in FORMATS:
         raise ValueError(f"unknown chat format {name!r}: choose {', '.join(FORMATS)}")
@@ -113,26 +115,22 @@ def _missing(tok, name):
     return "" if getattr(tok, "tok", None) is not None and tok.tok.chat_template else "an hf: folder's chat template"
 
 
-def _spec(tok, fmt):
-    return fmt if isinstance(fmt, ChatFormat) else chat_spec(tok, fmt)
-
-
 def chat_ids(tok, messages, fmt=None, learn_from=0):
     """(ids, mask) of a conversation; mask marks each assistant reply and its turn's end (see the module
     docstring), of messages[learn_from:] only (DPO learns the completion, not the prompt's earlier answers)."""
-    return _render(tok, _spec(tok, fmt), messages, learn_from=learn_from)
+    return _render(tok, chat_spec(tok, fmt), messages, learn_from=learn_from)
 
 
 def chat_prompt(tok, messages, fmt=None):
     """(ids, stop): a conversation and the opening of the assistant's reply, as SFT renders them, and the ids that
     end the reply."""
-    fmt = _spec(tok, fmt)
+    fmt = chat_spec(tok, fmt)
     return _render(tok, fmt, messages, add_generation_prompt=True)[0], stop_ids(tok, fmt)
 
 
 def chat_text(tok, messages, fmt=None, add_generation_prompt=False):
     """The rendered conversation as one string, special ids written as their text (for comparing renderings)."""
-    fmt = _spec(tok, fmt)
+    fmt = chat_spec(tok, fmt)
     if fmt.name == "template":
         return tok.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            enable_thinking=fmt.enable_thinking)
@@ -145,7 +143,7 @@ def chat_text(tok, messages, fmt=None, add_generation_prompt=False):
 def stop_ids(tok, fmt=None):
     """The ids that end an assistant's reply: the format's end-of-turn token(s) and the tokenizer's end-of-text.
     Llama 3 stops at <|eot_id|>, <|eom_id|> and <|end_of_text|>, as Meta's generation does."""
-    fmt = _spec(tok, fmt)
+    fmt = chat_spec(tok, fmt)
     sp = tok.special_tokens
     if fmt.name == "llama3":
         return {sp[s] for s in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>") if s in sp} | {tok.eot_id} - {None}
@@ -335,12 +333,20 @@ def _markup(tok, text, ends_reply):
     content (ends_reply) its first token is learned."""
     if not text:
         return []
-    specials = sorted(tok.special_tokens, key=len, reverse=True)
-    pieces = [p for p in re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if p] if specials else [text]
+    split = _splitter(tuple(tok.special_tokens))
+    pieces = [p for p in split.split(text) if p] if split else [text]
     out = [(tok.special_tokens[p], False) if p in tok.special_tokens else (p, False) for p in pieces]
     if ends_reply:
         out[0] = (out[0][0], True if isinstance(out[0][0], int) else FIRST)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _splitter(specials):
+    """A pattern that cuts text at (and keeps) the special tokens, the longest first; None when there are none."""
+    if not specials:
+        return None
+    return re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,13 +362,8 @@ def _tokenize(tok, parts, pieces=False, straddle=True):
 
     def flush():
         nonlocal pending
-        if pieces:
-            for text, learn in run:
-                new = tok.encode(text)
-                ids.extend(new)
-                mask.extend([int(bool(learn))] * len(new))
-        elif run:
-            pending = _encode_run(tok, run, ids, mask, straddle, pending)
+        if run:
+            pending = _encode_run(tok, run, ids, mask, straddle, pending, pieces)
         run.clear()
 
     for p, learn in parts:
@@ -377,13 +378,16 @@ def _tokenize(tok, parts, pieces=False, straddle=True):
     return ids, mask
 
 
-def _encode_run(tok, run, ids, mask, straddle, pending):
+def _encode_run(tok, run, ids, mask, straddle, pending, pieces=False):
     """Appends the tokens of one run of text parts and their mask; True when a FIRST part is still owed its
-    token."""
-    texts = [tok.normalize(t) for t, _ in run]
-    try:
-        new, spans = tok.encode_offsets("".join(texts))
-    except NotImplementedError:  # a tokenizer without offsets: each part on its own
+    token. pieces: each part tokenized on its own (also for a tokenizer without offsets)."""
+    if not pieces:
+        texts = [tok.normalize(t) for t, _ in run]
+        try:
+            new, spans = tok.encode_offsets("".join(texts))
+        except NotImplementedError:
+            pieces = True
+    if pieces:
         for text, learn in run:
             piece = tok.encode(text)
             learned = [int(learn is not FIRST and bool(learn))] * len(piece)

@@ -39,7 +39,7 @@ import torch
 
 from engine.data import records
 from engine.data.bins import DataError
-from engine.data.chat import ChatFormat, chat_ids, chat_spec, chat_text
+from engine.data.chat import chat_ids, chat_spec, chat_text
 
 IGNORE = -100
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -210,7 +210,7 @@ def tokenize_pair(tok, prompt, chosen, rejected, max_len, fmt=None):
     only; None if truncation leaves either completion without a learned token. Each sequence is the rendering of
     prompt + completion, tokenized as a whole (as SFT renders it); the prompt's rendering with the generation prompt
     must be the start of it, as TRL requires."""
-    fmt = fmt if isinstance(fmt, ChatFormat) else chat_spec(tok, fmt)
+    fmt = chat_spec(tok, fmt)
     head = chat_text(tok, prompt, fmt, add_generation_prompt=True)
     out = {}
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
@@ -226,14 +226,14 @@ def tokenize_pair(tok, prompt, chosen, rejected, max_len, fmt=None):
 
 def tokenize_all(tok, convs, max_len, fmt=None):
     """SFT examples of many conversations, and how many were dropped for having nothing left to learn."""
-    fmt = fmt if isinstance(fmt, ChatFormat) else chat_spec(tok, fmt)
+    fmt = chat_spec(tok, fmt)
     seqs = list(_each(lambda m: tokenize_sft(tok, m, max_len, fmt), convs, "conversation"))
     return [s for s in seqs if s is not None], sum(s is None for s in seqs)
 
 
 def tokenize_pairs(tok, triples, max_len, fmt=None):
     """DPO items of many (prompt, chosen, rejected), and how many were dropped for having nothing left to learn."""
-    fmt = fmt if isinstance(fmt, ChatFormat) else chat_spec(tok, fmt)
+    fmt = chat_spec(tok, fmt)
     items = list(_each(lambda t: tokenize_pair(tok, *t, max_len, fmt), triples, "pair"))
     return [x for x in items if x is not None], sum(x is None for x in items)
 

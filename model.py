@@ -219,7 +219,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None, seg=None):
+    def forward(self, x, rope=None, cache=None, seg=None, cu_seqlens=None):
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
@@ -233,7 +233,8 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)  # (B, S, KV, hs): this layer's keys and values of every position so far
             y = cached_attention(q, k, v, cache.keep)
         else:
-            y = self.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, seg=seg)  # (B, T, nh, hs)
+            y = self.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, seg=seg,
+                            cu_seqlens=cu_seqlens)  # (B, T, nh, hs)
         return self.resid_dropout(self.proj(y.reshape(B, T, H * D)))
 
 
@@ -280,8 +281,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, cache=None, seg=None):
-        x = x + self.attn(self.norm1(x), rope, cache, seg)
+    def forward(self, x, rope=None, cache=None, seg=None, cu_seqlens=None):
+        x = x + self.attn(self.norm1(x), rope, cache, seg, cu_seqlens)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -324,7 +325,7 @@ class GPT(nn.Module):
         if self.config.pos_encoding == "rope":
             self.rope_cos, self.rope_sin = rope_cache(self.config, device=self.tok_emb.weight.device)
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=None, seg=None):
+    def forward(self, idx, targets=None, kv_cache=None, pos=None, seg=None, cu_seqlens=None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
         With targets (B, T), loss is the mean cross-entropy over positions whose target is not -100; with
@@ -333,7 +334,9 @@ class GPT(nn.Module):
         at kv_cache.pos (or are pos (B, T), for rows the cache holds left-padded), and every layer appends its keys
         and values to the cache.
         With pos and seg (B, T), rows pack several examples: pos restarts at each example and a position attends
-        only within its segment, so each example is computed exactly as it would be alone.
+        only within its segment, so each example is computed exactly as it would be alone. cu_seqlens is seg in
+        flash_attn_2's form (engine/attention.py's cumulative_seqlens), which the data pipeline works out on the
+        host so that the kernel needs nothing read back from the GPU; without it flash_attn_2 derives it from seg.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -350,7 +353,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         caches = kv_cache.layers if kv_cache is not None else [None] * len(self.blocks)
         for block, cache in zip(self.blocks, caches):
-            x = block(x, rope, cache, seg)
+            x = block(x, rope, cache, seg, cu_seqlens)
         x = self.norm_f(x)
         if targets is not None and self.config.loss_chunk_size:
             # 128K-152K vocabularies make the logits the step's largest tensors: the loss goes chunk by chunk

@@ -46,6 +46,7 @@ from engine.data.chat import chat_spec
 from engine.data.tokenizers import resolve_tokenizer
 from engine.evals import check_task, evaluate_tasks, load_task
 from engine.health import HealthMonitor, TrainingDiverged
+from engine.losses import loss_chunk_size
 from engine.objectives import DPOTask, PretrainTask, SFTTask
 from engine.optim import describe, lr_at, make_optimizer
 from engine.plan import GB, config_mode, estimate, free_memory, keep_global_batch, largest_batch
@@ -109,6 +110,11 @@ def setup_device(cfg, d):
     if dtype == "float16" and cfg.use_fsdp:
         raise ConfigError("dtype=float16 with use_fsdp needs a sharded GradScaler, which this engine does not "
                           "have; use --dtype=bfloat16")
+    if dev_type == "cuda":  # the tensor cores for what float32 matmuls remain (all of them under dtype=float32)
+        torch.set_float32_matmul_precision("high" if cfg.allow_tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+        if dtype == "float32":
+            dtype_reason += "; TF32 matmuls" if cfg.allow_tf32 else "; full float32 matmuls (allow_tf32=False)"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     # FSDP casts parameters itself (MixedPrecisionPolicy), so autocast is only for the other modes
     plain = dtype == "float32" or (cfg.use_fsdp and dev_type == "cuda" and dtype == "bfloat16")
@@ -229,8 +235,10 @@ def model_config(cfg, data_vocab, backend):
         over["block_size"] = cfg.block_size
     if "vocab_size" not in base and "vocab_size" not in over:
         over["vocab_size"] = 64 * math.ceil(data_vocab / 64)
+    vocab = over.get("vocab_size", base.get("vocab_size"))
     try:
-        return ModelConfig(**{**base, **over, "attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size})
+        return ModelConfig(**{**base, **over, "attention_backend": backend,
+                              "loss_chunk_size": loss_chunk_size(cfg.loss_chunk_size, vocab)})
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -240,15 +248,20 @@ def build_model(cfg, vocab, backend, start):
     their architecture and take only this run's settings of how to compute (backend, loss chunks, dropout)."""
     if start.kind == "scratch":
         return GPT(model_config(cfg, vocab, backend))
-    run = {"attention_backend": backend, "loss_chunk_size": cfg.loss_chunk_size}
+    run = {"attention_backend": backend}
     if cfg.dropout is not None:
         run["dropout"] = cfg.dropout
     if start.meta is not None:
-        return GPT(ModelConfig.from_dict({**start.meta["model_config"], **run}))
+        mc = start.meta["model_config"]
+        return GPT(ModelConfig.from_dict({**mc, **run,
+                                          "loss_chunk_size": loss_chunk_size(cfg.loss_chunk_size, mc["vocab_size"])}))
     try:
-        return GPT.from_hf(start.path, **run)
+        model = GPT.from_hf(start.path, **run)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"init_from={start.path}: {e}") from e
+    model.config = dataclasses.replace(model.config, loss_chunk_size=loss_chunk_size(cfg.loss_chunk_size,
+                                                                                     model.config.vocab_size))
+    return model
 
 
 def check_memory(cfg, model, T, device, dtype, d, available=None):
@@ -279,9 +292,9 @@ def check_memory(cfg, model, T, device, dtype, d, available=None):
         fixes.insert(0, "lower gradient_accumulation_steps or batch_size (a step takes all its micro-batches at once)")
     if not cfg.activation_checkpointing and not cfg.eval_only:
         fixes.append("activation_checkpointing=True")
-    if not cfg.loss_chunk_size and cfg.objective != "dpo":
+    if not model.config.loss_chunk_size and cfg.objective != "dpo":
         fixes.append("loss_chunk_size=1024")
-    state = sum(est["parts"].get(k, 0) for k in ("params", "grads", "optimizer", "ddp_buckets"))
+    state = sum(est["parts"].get(k, 0) for k in ("params", "grads", "optimizer"))
     if config_mode(cfg) != "fsdp" and not cfg.eval_only and state > est["total"] / 3:
         fixes.append("shard the state over more GPUs (use_zero1 or use_fsdp under torchrun)")
     raise ConfigError(f"one step needs about {est['total'] / GB:,.2f} GB per rank on {device} by engine/plan.py's "
@@ -331,10 +344,11 @@ def downstream_tasks(cfg, data_dir, tok, mc):
     return tok.tok, {n: load_task(n, where(n), cfg.eval_tasks_max_examples, cfg.seed) for n in names}
 
 
-def settle_config(cfg, task, tok, log):
+def settle_config(cfg, task, tok, mc, log):
     """The run's config as resolved, the one place it changes: the tokenizer found (recorded, so that later tools
-    find it), SFT/DPO's chat format, and max_iters from num_train_epochs."""
+    find it), SFT/DPO's chat format, the loss chunks the vocabulary chose, and max_iters from num_train_epochs."""
     changes = {"tokenizer": tok.name, "tokenizer_path": tok.path} if tok else {}
+    changes["loss_chunk_size"] = mc.loss_chunk_size
     if getattr(task, "chat", None):  # SFT and DPO record the format they rendered (sample.py --chat renders it)
         changes["chat_format"] = task.chat.name
     if task.iters_per_epoch and cfg.num_train_epochs:
@@ -463,6 +477,7 @@ class Progress:
     evaluated: tuple = (None, None)  # (iteration, val loss) of the latest evaluation
     last_losses: dict | None = None
     total_tokens: float = 0.0  # real tokens trained on since the start of this process
+    last_end: float = 0.0  # when the last step read ended on the device, as the host saw it
     per_rank: dict | None = None  # bytes of parameters and optimizer state of each rank, after the first step
     status: str = "failed"  # "completed" once max_iters is reached; "preempted" when stopped on request
 
@@ -557,6 +572,38 @@ def save(job, prog, iter_num):
     job.log(f"saved checkpoint {prog.last_ckpt}")
 
 
+@dataclasses.dataclass
+class Launched:
+    """A step whose kernels are queued, and what its log record needs besides its numbers."""
+
+    iter: int
+    pending: object  # engine/step.py's PendingStep
+    lr: float
+    t0: float  # when its iteration began
+    data_wait: float
+    result: object = None  # its StepResult, once read and checked
+
+
+def check_step(job, prog, s):
+    """Read a step's numbers (waiting for them if need be) and run the health checks on them; returns its
+    StepResult."""
+    if s.result is None:
+        s.result = step = s.pending.result()
+        prog.total_tokens += step.real_tokens
+        check_health(job, prog, s.iter, step)
+    return s.result
+
+
+def report(job, prog, s):
+    """A checked step's time and its log record. Its time runs from the later of its iteration's start and the end
+    of the step before (the host starts an iteration while the device still runs the previous step's kernels)."""
+    end = s.pending.end
+    dt = end - max(s.t0, prog.last_end)
+    prog.last_end = end
+    if s.iter % job.cfg.log_interval == 0 or s.iter == job.cfg.max_iters:
+        log_step(job, prog, s.iter, s.result, s.lr, dt, s.data_wait)
+
+
 def check_health(job, prog, iter_num, step):
     norm = step.grad_norm
     if job.scaler.is_enabled() and not math.isfinite(norm) and math.isfinite(step.loss):
@@ -566,7 +613,7 @@ def check_health(job, prog, iter_num, step):
         job.health.check(iter_num, step.loss, norm, (prog.last_ckpt, prog.last_val), prog.best_ckpt)
     except TrainingDiverged:
         job.record("health", {"iter": iter_num, "kind": "diverged", "loss": step.loss,
-                              "nonfinite_grads": nonfinite_grads(job.owner)})
+                              "nonfinite_grads": step.nonfinite_grads})
         raise
 
 
@@ -593,7 +640,12 @@ def log_step(job, prog, iter_num, step, lr, dt, data_wait):
 
 def train(job, prog, stop):
     """Iterations from prog.start_iter to max_iters, evaluating and checkpointing on schedule; a stop request ends
-    the loop after a checkpoint of the current step."""
+    the loop after a checkpoint of the current step.
+
+    With defer_step_stats a step's numbers (loss, gradient norm, the stop flags) are read and checked once the next
+    step is launched, so the host never waits for the device mid-loop; they are read at once where something
+    depends on them before the update or this iteration (an evaluation, a checkpoint, gradient norms, the first
+    step, the last). Either way each step is checked and logged with the same numbers."""
     cfg, d, task = job.cfg, job.d, job.task
     groups = layer_groups(job.owner)
     # each step takes all its micro-batches at once, so the thread keeps up to two steps' worth ready
@@ -602,6 +654,7 @@ def train(job, prog, stop):
                             use_dataloader=cfg.use_dataloader, prefetch=2 * job.local_ga)
     bar = tqdm(total=cfg.max_iters, initial=prog.start_iter, dynamic_ncols=True,
                disable=not (d.master and sys.stderr.isatty()))
+    pending = None  # the step launched last, not yet read (defer_step_stats)
     try:
         if prog.start_iter == 0:
             run_eval(job, prog, 0)
@@ -620,34 +673,49 @@ def train(job, prog, stop):
             data_wait = time.time() - t_data  # host time spent waiting for batches: near 0 while prefetch keeps up
             # whether any rank was asked to stop, and whether its launcher is gone, travel in the step's one sync
             asked = stop.signum is not None
-            step = forward_backward(job.model, job.owner, task, micro, job.hw.ctx, job.scaler, job.optimizer,
-                                    cfg.grad_clip, d.world_size, cfg.use_cuda_graphs,
-                                    flags=(asked, asked and D.launcher_gone()))
-            stops, orphans = step.flags
-            prog.total_tokens += step.real_tokens
             iter_num = it + 1
-            check_health(job, prog, iter_num, step)
-            if cfg.gradient_log_interval and iter_num % cfg.gradient_log_interval == 0:
+            step = Launched(iter_num, forward_backward(
+                job.model, job.owner, task, micro, job.hw.ctx, job.scaler, job.optimizer, cfg.grad_clip,
+                d.world_size, cfg.use_cuda_graphs, flags=(asked, asked and D.launcher_gone())), lr, t0, data_wait)
+            evaluating = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+            scoring = bool(job.tasks) and (iter_num % (cfg.eval_tasks_interval or cfg.eval_interval) == 0
+                                           or iter_num == cfg.max_iters)
+            norms = bool(cfg.gradient_log_interval) and iter_num % cfg.gradient_log_interval == 0
+            checked = []
+            if not cfg.defer_step_stats or evaluating or scoring or norms or prog.per_rank is None:
+                if pending:  # read in order: the previous step first
+                    checked.append(check_step(job, prog, pending))
+                    report(job, prog, pending)
+                    pending = None
+                checked.append(check_step(job, prog, step))  # a non-finite step stops here, before its update
+            if norms:
                 job.record("gradient_norms", {"iter": iter_num, "norms": grad_norms_by_layer(job.owner, groups)})
             if prog.per_rank is None:  # the gradients, while they exist
                 grads = D.all_gather_objects(D.local_bytes(p.grad for p in job.owner.parameters()
                                                            if p.grad is not None))
             optimizer_step(job.optimizer, job.scaler)
+            step.pending.mark_end()
             if prog.per_rank is None:  # after the first step, when the optimizer state exists
                 prog.per_rank = {"param_bytes": D.all_gather_objects(D.local_bytes(job.owner.parameters())),
                                  "grad_bytes": grads,
                                  "optimizer_state_bytes": D.all_gather_objects(D.optimizer_state_bytes(job.optimizer))}
                 D.set_timeout(cfg.dist_timeout_minutes)  # start-up and first compilation are behind us
-            dt = time.time() - t0
             bar.update(1)
-            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                log_step(job, prog, iter_num, step, lr, dt, data_wait)
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            if pending:  # the previous step's kernels ran before this one's: reading it does not stall the device
+                checked.append(check_step(job, prog, pending))
+                report(job, prog, pending)
+            pending = step
+            stops = sum(r.flags[0] for r in checked)
+            if step.result is not None or stops:  # a stop saves this step: it is read now
+                check_step(job, prog, step)
+                report(job, prog, step)
+                pending = None
+                stops = stops or step.result.flags[0]
+            if evaluating:
                 prog.last_losses, improved = run_eval(job, prog, iter_num)
                 if improved or cfg.always_save_checkpoint:
                     save(job, prog, iter_num)
-            if job.tasks and (iter_num % (cfg.eval_tasks_interval or cfg.eval_interval) == 0
-                              or iter_num == cfg.max_iters):
+            if scoring:
                 run_task_evals(job, iter_num)
             if stops:
                 if prog.last_ckpt != checkpoint_path(cfg.out_dir, iter_num):
@@ -655,6 +723,7 @@ def train(job, prog, stop):
                 prog.status = "preempted"
                 job.log(f"stopping at iter {iter_num} on request (signal {stop.signum or 'on another rank'}); resume "
                         "with --init_from=resume")
+                orphans = max(r.flags[1] for r in checked + [step.result])
                 if orphans:  # exit non-zero, so that the launchers still alive end the job now
                     raise D.RankFailure(f"the torchrun launcher of {orphans:.0f} rank(s) died; every rank saved "
                                         f"checkpoint {prog.last_ckpt} and stopped; resume with --init_from=resume",
@@ -662,6 +731,13 @@ def train(job, prog, stop):
                 return
         prog.status = "completed"
     finally:
+        # a step that ended before a failure keeps its record, if its numbers can be read without waiting
+        if pending is not None and pending.result is None and pending.pending.ready():
+            try:
+                check_step(job, prog, pending)
+                report(job, prog, pending)
+            except Exception:  # noqa: BLE001 the failure already raised is the one to report
+                pass
         batches.close()
         bar.close()
 
@@ -685,11 +761,6 @@ def grad_norms_by_layer(model, groups):
     if any(hasattr(p, "to_local") for p in model.parameters()):
         D.all_reduce_sum(sq)  # FSDP: each rank holds a shard of every gradient
     return dict(zip(names, sq.sqrt().tolist()))
-
-
-def nonfinite_grads(model):
-    return [n for n, p in model.named_parameters()
-            if p.grad is not None and not torch.isfinite(D.local(p.grad)).all()]
 
 
 def post_training_record(objective, loss, lr, total_tokens, per_device_tps, metrics):
@@ -821,7 +892,7 @@ def run(cfg, d, log, stop=None):
     task = make_task(cfg, mc, T, data_dir, tok and tok.tok, log)
     memory = memory or check_memory(cfg, model, min(T, task.longest), hw.device, hw.dtype, d)
     task_tok, tasks = downstream_tasks(cfg, data_dir, tok, mc)
-    cfg = settle_config(cfg, task, tok, log)
+    cfg = settle_config(cfg, task, tok, mc, log)
     if cfg.objective != "pretrain":
         T = cfg.max_seq_length or T  # what one example spans, for the FLOP count
     env = environment(cfg, d, hw, model, T, data_dir)

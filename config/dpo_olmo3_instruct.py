@@ -3,6 +3,9 @@
 # The dataset name below is a placeholder for the OLMo 3 preference data: set dataset= to your local copy.
 #   torchrun --standalone --nproc_per_node=8 train.py config/dpo_olmo3_instruct.py --init_from=/models/olmo3-sft \
 #       --dataset=/data/dolci_instruct_dpo.jsonl
+# Sized for 8 x H100 80 GB: FSDP, activation checkpointing, one pair (2 x 2048 tokens) per micro-batch;
+# about 27.1 GB per GPU of the card's 85.0 by engine/plan.py's estimate, on OLMo 2 7B's published shape
+# (32 x 4096, 32 heads, MLP 11008, vocabulary 100,352), which the OLMo 3 7B model is assumed to share.
 out_dir = "out-dpo-olmo3-instruct"
 objective = "dpo"
 dataset = "hub:allenai/Dolci-Instruct-DPO"

@@ -1,6 +1,9 @@
 # Tulu 3 DPO: length-normalised DPO (open-instruct's dpo_norm) on the Tulu 3 8B preference mixture, starting from
 # the Tulu 3 SFT model, with the published settings:
 #   torchrun --standalone --nproc_per_node=8 train.py config/dpo_tulu3.py --init_from=out-sft-tulu3
+# Sized for 8 x H100 80 GB: FSDP, activation checkpointing, one pair (2 x 2048 tokens) per micro-batch;
+# about 30.7 GB per GPU of the card's 85.0 by engine/plan.py's estimate on Llama-3.1-8B's published shape
+# (tests/test_plan.py), under its 10% margin.
 out_dir = "out-dpo-tulu3"
 objective = "dpo"
 dataset = "hub:allenai/llama-3.1-tulu-3-8b-preference-mixture"

@@ -1,6 +1,6 @@
 # GPT-2 style 1.27B (18 layers, width 2304): ~20 tokens per parameter.
 # Sized for 8 x H100 80 GB: DDP, plain loss, no activation checkpointing;
-# about 64.4 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
+# about 59.4 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
 #   python tools/plan.py config/full_gpt2_1.36b.py --gpus=8 --gpu=H100
 # Launch: torchrun --standalone --nproc_per_node=8 train.py config/full_gpt2_1.36b.py
 # gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 16 x 1024 x 96

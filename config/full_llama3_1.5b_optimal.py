@@ -1,6 +1,6 @@
 # LLaMA-3 1.545B, compute-optimal: 101.9B tokens.
 # Sized for 8 x H100 80 GB: DDP, chunked loss for the 128K vocabulary, no activation checkpointing;
-# about 72.8 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
+# about 66.2 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
 #   python tools/plan.py config/full_llama3_1.5b_optimal.py --gpus=8 --gpu=H100
 # Launch: torchrun --standalone --nproc_per_node=8 train.py config/full_llama3_1.5b_optimal.py
 # gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 8 x 2048 x 192

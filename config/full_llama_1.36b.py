@@ -1,6 +1,6 @@
 # LLaMA-2 style 1.29B (18 layers, width 2304): ~20 tokens per parameter.
 # Sized for 8 x H100 80 GB: DDP, plain loss, no activation checkpointing;
-# about 73.3 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
+# about 68.1 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
 #   python tools/plan.py config/full_llama_1.36b.py --gpus=8 --gpu=H100
 # Launch: torchrun --standalone --nproc_per_node=8 train.py config/full_llama_1.36b.py
 # gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 8 x 2048 x 192

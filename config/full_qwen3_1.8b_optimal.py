@@ -1,6 +1,6 @@
 # Qwen3 1.830B, compute-optimal: 81.7B tokens.
 # Sized for 8 x H100 80 GB: DDP, chunked loss for the 152K vocabulary, no activation checkpointing;
-# about 69.7 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
+# about 61.9 GB per GPU of the card's 85.0 by tools/plan.py's estimate, under its 10% margin:
 #   python tools/plan.py config/full_qwen3_1.8b_optimal.py --gpus=8 --gpu=H100
 # Launch: torchrun --standalone --nproc_per_node=8 train.py config/full_qwen3_1.8b_optimal.py
 # gradient_accumulation_steps counts the whole job's micro-batches of an optimizer step: 4 x 2048 x 384

@@ -2,6 +2,9 @@
 # Point init_from at a local transformers copy of the base model and dataset at a local copy of the mixture
 # (.jsonl/.parquet), or keep the hub name where the machine has network and `datasets` installed:
 #   torchrun --standalone --nproc_per_node=8 train.py config/sft_tulu3.py --init_from=/models/Llama-3.1-8B
+# Sized for 8 x H100 80 GB: FSDP, activation checkpointing, chunked loss for the 128K vocabulary, one
+# 4096-token row per micro-batch; about 28.0 GB per GPU of the card's 85.0 by engine/plan.py's estimate on
+# Llama-3.1-8B's published shape (tests/test_plan.py), under its 10% margin.
 out_dir = "out-sft-tulu3"
 objective = "sft"
 dataset = "hub:allenai/tulu-3-sft-mixture"

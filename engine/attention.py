@@ -4,6 +4,10 @@ Every backend takes q (B, T, H, D) and k, v (B, T, KV, D) with H a multiple of K
 and returns (B, T, H, D). With `seg` (B, T), the segment id of each position in rows that pack several examples,
 a position attends only to earlier positions of its own segment.
 
+flash_attn_2 takes the segments as cu_seqlens, the cumulative lengths of the runs of equal ids, row after row
+(cumulative_seqlens(seg)); the data pipeline computes them on the host and passes them down, since finding them on
+the GPU reads sizes back to the host. The other backends take seg and ignore cu_seqlens.
+
 `manual` is the reference: an explicit masked softmax anyone can check by eye.
 `sdpa` is torch's scaled_dot_product_attention, `flash_attn_2` is Tri Dao's flash-attn package (CUDA, half
 precision only). A backend that cannot run where it was asked for fails with the reason and the fix; there is
@@ -25,7 +29,18 @@ def segment_mask(seg):
     return (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
 
 
-def manual_attention(q, k, v, dropout_p=0.0, seg=None):
+def cumulative_seqlens(seg):
+    """int32 (n + 1,): the offsets, in the flattened (B * T) positions of seg (B, T), at which each of its n runs of
+    equal segment ids starts, and B * T; a run never continues from one row into the next. Padding's run is one
+    sequence like the others (its outputs are never used)."""
+    B, T = seg.shape
+    flat = seg.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = (flat[1:] != flat[:-1]) | (torch.arange(1, B * T, device=seg.device) % T == 0)
+    return torch.cat([starts.nonzero()[:, 0], torch.tensor([B * T], device=seg.device)]).to(torch.int32)
+
+
+def manual_attention(q, k, v, dropout_p=0.0, seg=None, cu_seqlens=None):
     B, T, H, D = q.shape
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
     rep = H // k.size(1)
@@ -43,7 +58,7 @@ def manual_attention(q, k, v, dropout_p=0.0, seg=None):
     return (att @ v).transpose(1, 2)  # (B, T, nh, hs)
 
 
-def sdpa_attention(q, k, v, dropout_p=0.0, seg=None):
+def sdpa_attention(q, k, v, dropout_p=0.0, seg=None, cu_seqlens=None):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
     gqa = q.size(1) != k.size(1)
     if seg is None:
@@ -56,7 +71,7 @@ def sdpa_attention(q, k, v, dropout_p=0.0, seg=None):
     return y.transpose(1, 2)
 
 
-def flash_attention(q, k, v, dropout_p=0.0, seg=None):
+def flash_attention(q, k, v, dropout_p=0.0, seg=None, cu_seqlens=None):
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         raise RuntimeError(
             f"attention_backend=flash_attn_2 needs CUDA tensors in bfloat16 or float16, got {q.device.type} "
@@ -68,13 +83,11 @@ def flash_attention(q, k, v, dropout_p=0.0, seg=None):
         return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # GQA and (B, T, H, D) natively
     # packed rows: every run of equal segment ids (padding too) becomes one sequence of the varlen kernel
     B, T, H, D = q.shape
-    flat = seg.reshape(-1)
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = (flat[1:] != flat[:-1]) | (torch.arange(1, B * T, device=seg.device) % T == 0)
-    cu = torch.cat([starts.nonzero()[:, 0], torch.tensor([B * T], device=seg.device)]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
+    cu = cumulative_seqlens(seg) if cu_seqlens is None else cu_seqlens  # on the GPU, the former syncs
+    # the longest sequence only sizes the kernel's grid, whose blocks past a sequence's end return at once: T bounds
+    # it with nothing read back, and is one value for every batch (no recompilation)
     y = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu,
-                               longest, longest, dropout_p=dropout_p, causal=True)
+                               T, T, dropout_p=dropout_p, causal=True)
     return y.reshape(B, T, H, D)
 
 

@@ -75,8 +75,9 @@ class TrainConfig:
     compile: bool = key(False, "torch.compile the model")
     attention_backend: str = key("auto", "auto | manual | sdpa | flash_attn_2")
     flash_attn: bool | None = key(None, "the older spelling: True means attention_backend=flash_attn_2, False sdpa")
-    loss_chunk_size: int = key(0, "rows per chunk of a cross-entropy that never forms the full logits "
-                                  "(for 128K+ vocabularies, e.g. 1024); 0: plain loss on the logits")
+    loss_chunk_size: int | None = key(None, "rows per chunk of a cross-entropy that never forms the full logits; "
+                                            "0: plain loss on the logits; None: chunked for vocabularies of "
+                                            "100,000 or more, plain below")
     use_zero1: bool = key(False, "shard AdamW state across ranks (ZeRO-1: ZeroRedundancyOptimizer over DDP)")
     use_fsdp: bool = key(False, "FSDP2 fully_shard on each block and the root (bf16 params, fp32 reduce on CUDA)")
     fsdp_reshard_after_forward: bool = key(True, "FSDP: free gathered parameters after forward (less memory)")
@@ -88,6 +89,13 @@ class TrainConfig:
                                        "(torch.compile's reduce-overhead mode; implies compile; needs one "
                                        "micro-step per rank)")
     activation_checkpointing: bool = key(False, "recompute each block's activations in backward")
+    defer_step_stats: bool = key(True, "read each step's loss, gradient norm and stop flags once the next step is "
+                                       "launched, so the host does not wait for the GPU every step (the numbers "
+                                       "logged and checked are the same); False: read them at once")
+    allow_tf32: bool = key(True, "CUDA, float32 matmuls and convolutions: TF32 tensor cores (10-bit mantissa inputs, "
+                                 "float32 accumulation); False: full float32. No effect in bfloat16/float16")
+    ddp_bucket_cap_mb: float = key(0.0, "DDP gradient bucket size in MB; 0: torch's 25 eagerly, 100 under "
+                                        "torch.compile, whose DDP optimizer makes each bucket a graph of its own")
     skip_memory_check: bool = key(False, "start even when engine/plan.py's memory estimate of a step exceeds what "
                                          "the device has free (the estimate is still logged)")
     use_dataloader: bool = key(False, "feed batches through a torch DataLoader with workers and pinned memory")

@@ -237,7 +237,11 @@ def parallelize(model, cfg, d: Dist, device_type, dtype):
         return model, model
     owner = model
     if d.world_size > 1:
-        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
+        # the gradients are views into DDP's all-reduce buckets instead of a second copy of them; the buffers (the
+        # RoPE tables) are constants computed alike on every rank, so they are not broadcast before every forward
+        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None,
+                    gradient_as_bucket_view=True, broadcast_buffers=False,
+                    bucket_cap_mb=ddp_bucket_mb(cfg))
     if cfg.compile or cfg.use_cuda_graphs:
         # use_cuda_graphs: every step has the same shapes, so captured graphs are replayed instead of launching
         # kernels one by one
@@ -246,10 +250,19 @@ def parallelize(model, cfg, d: Dist, device_type, dtype):
     return model, owner
 
 
+def ddp_bucket_mb(cfg):
+    """DDP's bucket size: as configured, or torch's 25 MB eagerly and 100 MB under compile, where the compiled
+    backward is split into one graph per bucket (so that each bucket's all-reduce starts as its graph ends): fewer,
+    larger buckets keep more of the backward in one graph, and four or more of them still overlap the all-reduce
+    with the backward in a model of 0.5 GB of gradients or more."""
+    return cfg.ddp_bucket_cap_mb or (100.0 if cfg.compile or cfg.use_cuda_graphs else 25.0)
+
+
 def one_graph(model, cfg, ddp):
     """Whether torch.compile must capture the model whole (fullgraph=True, so that a graph break is an error rather
-    than a silent slowdown). Two things break the graph: DDP's forward (its buffer broadcast is opaque to dynamo)
-    and flash-attn's variable-length kernel for packed rows (the sequence lengths are read back to the host)."""
+    than a silent slowdown). Two things break the graph: DDP (dynamo splits its graph at the gradient buckets) and
+    flash-attn's variable-length kernel for packed rows (another package's kernel, whose number of sequences changes
+    from batch to batch)."""
     return not ddp and not (model.config.attention_backend == "flash_attn_2" and cfg.packing)
 
 

@@ -47,17 +47,25 @@ LOSS_TYPES = ("sigmoid", "dpo_norm")
 COLUMNS = ("chosen_logps", "chosen_tokens", "rejected_logps", "rejected_tokens")
 
 
-def sequence_logps(logits, labels):
+def label_index(labels):
+    """The flat (B * T) positions of labels' labelled tokens, in order: what sequence_logps gathers. Found where the
+    batch is built, on the host: on the GPU the number of positions would have to be read back."""
+    return (labels.reshape(-1) != IGNORE).nonzero()[:, 0]
+
+
+def sequence_logps(logits, labels, index=None):
     """Summed log-probs of the labelled tokens of each sequence, and their count: (B,) float32, (B,) int64.
 
-    logits (B, T, V) in any dtype, labels (B, T). Only the labelled positions are gathered and cast to float32, so
-    the prompt and the padding cost no float32 copy of their logits.
+    logits (B, T, V) in any dtype, labels (B, T), index label_index(labels) (found here if not given). Only the
+    labelled positions are gathered and cast to float32, so the prompt and the padding cost no float32 copy of
+    their logits.
     """
-    valid = labels != IGNORE
-    lg = logits[valid].float()  # (N, V)
-    lp = lg.gather(1, labels[valid][:, None]).squeeze(1) - torch.logsumexp(lg, dim=-1)
+    if index is None:
+        index = label_index(labels)
+    lg = logits.reshape(-1, logits.size(-1)).index_select(0, index).float()  # (N, V)
+    lp = lg.gather(1, labels.reshape(-1).index_select(0, index)[:, None]).squeeze(1) - torch.logsumexp(lg, dim=-1)
     sums = torch.zeros(labels.size(0), dtype=torch.float32, device=logits.device)
-    return sums.index_add(0, valid.nonzero()[:, 0], lp), valid.sum(1)
+    return sums.index_add(0, index // labels.size(1), lp), (labels != IGNORE).sum(1)
 
 
 def reduce_logps(sums, n, loss_type):
@@ -110,10 +118,11 @@ def compute_reference(model, items, batch_size, device, ctx=None):
         idx += [0] * (min(batch_size, share - s) - k)  # a rank with fewer pairs runs fillers it then drops
         b = collate_pairs([items[i] for i in idx], pad_id=0)  # any valid id: padding carries no label
         x = torch.cat([b["chosen_ids"], b["rejected_ids"]]).to(device)
-        y = torch.cat([b["chosen_labels"], b["rejected_labels"]]).to(device)
+        y = torch.cat([b["chosen_labels"], b["rejected_labels"]])
+        index = label_index(y).to(device)
         with ctx or nullcontext():
             logits, _ = model(x)
-        lp, n = sequence_logps(logits, y)
+        lp, n = sequence_logps(logits, y.to(device), index)
         m = len(idx)
         part[s:s + k] = torch.stack([lp[:k], n[:k], lp[m:m + k], n[m:m + k]], 1).double()
     model.train(training)

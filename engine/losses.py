@@ -3,11 +3,34 @@
 chunked_cross_entropy is the cross-entropy of `hidden @ weight.T` against targets without the (N, V) logits: with a
 128K-152K vocabulary those logits, their float32 copy and their gradient are the largest tensors of a training step
 (8192 tokens x 151936 x 4 bytes = 5 GB each). It walks over chunks of rows, in forward for the loss and again in
-backward, recomputing each chunk's logits, so at most one chunk's logits exist at a time.
+backward, recomputing each chunk's logits, so at most one chunk's logits exist at a time. Under autocast they stay
+in the 16-bit compute dtype, and the float32 softmax is worked out a few rows at a time, in as few passes over
+memory as torch's eager ops allow: the loss is memory-bound (tools/bench_loss_memory.py --compare).
 """
 import torch
 
 IGNORE_INDEX = -100
+# vocabularies from this size on (LLaMA-3's 128K, Qwen's 152K) get the chunked loss unless a run says otherwise: their
+# logits, float32 copy and gradient would be a step's largest tensors
+CHUNKED_FROM_VOCAB = 100_000
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def loss_chunk_size(configured, vocab_size):
+    """The rows per chunk a run uses: as configured (0: the plain loss), or by default (None) chunked for large
+    vocabularies."""
+    if configured is not None:
+        return configured
+    return DEFAULT_CHUNK_SIZE if vocab_size >= CHUNKED_FROM_VOCAB else 0
+
+
+FLOAT32_ROWS = 256  # rows of a chunk whose float32 softmax exists at once
+
+
+def _minus(x, shift):
+    """x - shift in shift's precision: in place when x already has it, else one pass that reads x in its own dtype
+    and writes a new tensor (a CUDA kernel converts as it reads; a CPU one makes a converted copy first)."""
+    return torch.sub(x, shift, out=x if x.dtype == shift.dtype else None)
 
 
 def _forward(hidden, weight, targets, chunk_size, ignore_index, dtype):
@@ -23,18 +46,35 @@ def _forward(hidden, weight, targets, chunk_size, ignore_index, dtype):
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
         for s in range(0, hidden.size(0), chunk_size):
-            logits = (hidden[s:s + chunk_size].to(dtype) @ w.T).to(acc)  # (n, V)
-            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
-            total += ((lse[s:s + chunk_size] - picked) * valid[s:s + chunk_size]).sum()
-            del logits, picked  # before the next chunk's are made: one chunk's at a time, not two
+            logits = hidden[s:s + chunk_size].to(dtype) @ w.T  # (n, V)
+            picked = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1).to(acc)
+            lse_c = lse[s:s + chunk_size]
+            # torch.logsumexp's steps, FLOAT32_ROWS rows at a time in float32: logsumexp would want a float32 copy of
+            # the whole chunk and make another one inside
+            for r in range(0, logits.size(0), FLOAT32_ROWS):
+                x = logits[r:r + FLOAT32_ROWS]
+                m = x.amax(dim=1, keepdim=True).to(acc)  # the max is exact in any dtype
+                lse_c[r:r + FLOAT32_ROWS] = m.squeeze(1) + _minus(x, m).exp_().sum(dim=1).log()
+            total += ((lse_c - picked) * valid[s:s + chunk_size]).sum()
+            del logits, x  # before the next chunk's are made (x views them): one chunk's at a time, not two
     return total, lse
+
+
+def _add_matmul(acc, a, b):
+    """acc += a @ b, with acc in float32 and a, b possibly in 16 bits."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:  # cuBLAS adds the 16-bit product into the float32 matrix itself (torch >= 2.10)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # no mixed-dtype matmul elsewhere: a 16-bit partial the size of acc, then its addition
+        acc += a @ b
 
 
 def _backward(grad_total, hidden, weight, targets, lse, chunk_size, ignore_index, dtype, need_h=True, need_w=True):
     """(d total / d hidden, d total / d weight) times grad_total, each None when not needed."""
     valid = targets != ignore_index
     safe = targets.masked_fill(~valid, 0)
+    scale = grad_total * valid  # each row's factor: 0 on ignored rows
     cs = chunk_size
     grad_h = torch.empty_like(hidden) if need_h else None
     # accumulated in the softmax precision whatever the compute dtype: adding chunks' bfloat16 partial sums in
@@ -43,19 +83,26 @@ def _backward(grad_total, hidden, weight, targets, lse, chunk_size, ignore_index
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
         for s in range(0, hidden.size(0), cs):
-            h = hidden[s:s + cs].to(dtype)
-            # d(sum of losses)/d(logits) = softmax - onehot on valid rows, 0 on ignored ones
-            g = (h @ w.T).to(lse.dtype).sub_(lse[s:s + cs, None]).exp_()  # (n, V) softmax
-            g.scatter_add_(1, safe[s:s + cs, None], -torch.ones_like(lse[s:s + cs, None]))
-            g.mul_((grad_total * valid[s:s + cs])[:, None])
-            g = g.to(dtype)
+            logits = hidden[s:s + cs].to(dtype) @ w.T  # (n, V)
+            t, lse_c, sc = safe[s:s + cs], lse[s:s + cs], scale[s:s + cs]
+            # the targets' p - 1 from float32: p rounded to 16 bits first would lose it when p is near 1
+            g_t = ((logits.gather(1, t[:, None]).squeeze(1).to(lse.dtype) - lse_c).exp() - 1) * sc.abs()
+            # d(sum of losses)/d(logits) = (softmax - onehot) * scale, rounded once to the compute dtype as the plain
+            # path rounds its float32 gradient, into the logits' own buffer. The scale's size goes into the exponent,
+            # exp(logits - lse + log|scale|), so that one float32 pass makes it, FLOAT32_ROWS rows at a time; its
+            # sign, +-1 and exact, goes on the (n, C) operands below.
+            shift = (lse_c - sc.abs().log())[:, None]
+            for r in range(0, logits.size(0), FLOAT32_ROWS):
+                x = logits[r:r + FLOAT32_ROWS]
+                torch.exp(_minus(x, shift[r:r + FLOAT32_ROWS]), out=x)
+            g = logits  # (n, V), the gradient now
+            g[torch.arange(g.size(0), device=g.device), t] = g_t.to(g.dtype)
+            sign = sc.sign()[:, None]
             if need_h:
-                grad_h[s:s + cs] = g @ w
-            if need_w and grad_w.dtype == dtype:
-                grad_w.addmm_(g.T, h)  # (V, C), in place
-            elif need_w:
-                grad_w += g.T @ h  # a (V, C) partial in the compute dtype, half the accumulator's size
-            del g  # before the next chunk's softmax is made
+                torch.mul(g @ w, sign, out=grad_h[s:s + cs])
+            if need_w:
+                _add_matmul(grad_w, g.T, (hidden[s:s + cs] * sign).to(dtype))  # (V, C)
+            del logits, x, g  # before the next chunk's are made
     return grad_h, grad_w.to(weight.dtype) if need_w else None
 
 

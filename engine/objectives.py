@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from engine import distributed as D
+from engine.attention import cumulative_seqlens
 from engine.config import ConfigError
 from engine.data.bins import EVAL, BatchSampler
 from engine.data.chat import chat_spec
@@ -35,7 +36,15 @@ from engine.data.chat_data import (
     tokenize_pairs,
     unpacked_rows,
 )
-from engine.dpo import ReferenceCache, compute_reference, dpo_loss, reduce_logps, reference_key, sequence_logps
+from engine.dpo import (
+    ReferenceCache,
+    compute_reference,
+    dpo_loss,
+    label_index,
+    reduce_logps,
+    reference_key,
+    sequence_logps,
+)
 
 SHUFFLE = 7  # stream tag of the per-epoch permutations
 NO_VAL = "; none held out for val, so evaluations report no val loss (val_fraction > 0 gives one)"
@@ -95,7 +104,7 @@ class EpochTask:
     """Examples drawn without replacement, epoch after epoch, in a seeded order per epoch; subclasses turn a list of
     their examples into a batch (_collate)."""
 
-    static_weights = False  # tokens per batch vary (SFT); DPO's pair counts do not, but cost nothing to count
+    static_weights = False  # tokens per batch vary (SFT)
 
     def __init__(self, cfg, train, val):
         if not train:
@@ -159,10 +168,14 @@ class SFTTask(EpochTask):
             + ("" if va else NO_VAL))
 
     def _collate(self, rows):
-        return collate(rows, self.pad)
+        b = collate(rows, self.pad)
+        if self.packing:  # flash_attn_2's form of the segments, worked out here on the host (engine/attention.py)
+            b["cu_seqlens"] = cumulative_seqlens(b["segments"])
+        return b
 
     def loss(self, model, b):
-        extra = {"pos": b["positions"], "seg": b["segments"]} if self.packing else {}
+        extra = ({"pos": b["positions"], "seg": b["segments"], "cu_seqlens": b["cu_seqlens"]} if self.packing
+                 else {})
         _, loss = model(b["input_ids"], b["labels"], **extra)
         return loss, {}
 
@@ -178,6 +191,8 @@ class SFTTask(EpochTask):
 
 class DPOTask(EpochTask):
     """DPO against the starting policy, whose log-probs are computed once and cached on disk."""
+
+    static_weights = True  # every micro-batch is batch_size pairs
 
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
                     "logps/rejected")
@@ -231,13 +246,14 @@ class DPOTask(EpochTask):
         b = collate_pairs(items, self.pad)
         b["idx"] = torch.tensor(idx)
         b["n_tokens"] = torch.tensor(sum(len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items))
+        b["label_index"] = label_index(torch.cat([b["chosen_labels"], b["rejected_labels"]]))
         return b
 
     def loss(self, model, b):
         kind, idx = self.cfg.dpo_loss_type, b["idx"]
         logits, _ = model(torch.cat([b["chosen_ids"], b["rejected_ids"]]))  # one (2B, T) forward
-        pi_c, pi_r = reduce_logps(*sequence_logps(logits, torch.cat([b["chosen_labels"], b["rejected_labels"]])),
-                                  kind).chunk(2)
+        labels = torch.cat([b["chosen_labels"], b["rejected_labels"]])
+        pi_c, pi_r = reduce_logps(*sequence_logps(logits, labels, b["label_index"]), kind).chunk(2)
         ref_c = reduce_logps(self.ref["chosen_logps"][idx], self.ref["chosen_tokens"][idx], kind)
         ref_r = reduce_logps(self.ref["rejected_logps"][idx], self.ref["rejected_tokens"][idx], kind)
         loss, metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.cfg.dpo_beta, kind, self.cfg.dpo_label_smoothing)

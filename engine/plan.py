@@ -5,7 +5,7 @@
 
 What is counted, per rank:
 - parameters, gradients and optimizer state, exactly as the engine holds them: float32 master weights and
-  gradients (FSDP: this rank's dim-0 shard of each tensor; DDP: plus its separate bucket copy of the gradients),
+  gradients (FSDP: this rank's dim-0 shard of each tensor; DDP's gradients are views into its all-reduce buckets),
   AdamW's two moments or Muon's one momentum, over the parameters this rank's optimizer holds (ZeRO-1: torch's
   greedy partition, largest tensors first, each to the rank holding the fewest elements so far);
 - FSDP's gathered parameters: the largest block's and the root's (embeddings, head, final norm) in the parameter
@@ -135,9 +135,13 @@ def loss_bytes(config, B, T, dtype, chunk=0):
     logits' float32 gradient (12 bytes an element, the larger of the two in either dtype). Chunked
     (engine/losses.py; bytes per element of one chunk's logits and of the output matrix, counted on CPU with
     TensorMemory): its backward is the peak, beside the gradient of the hidden states: in float32 the chunk's
-    softmax (4) and the matrix's float32 gradient (4); in 16 bits the larger of the chunk's float32 softmax and
-    its 16-bit cast (6) with the matrix's cast and gradient (6), and the 16-bit softmax (2) with those and one
-    chunk's 16-bit partial of the gradient (8)."""
+    softmax, made in place of its logits (4), and the matrix's float32 gradient (4); in 16 bits the chunk's logits,
+    turned into its gradient in their own buffer (2), float32 work on FLOAT32_ROWS of its rows at a time (4), and
+    the matrix's 16-bit copy and float32 gradient (6). That is CUDA's, where the 16-bit products add into the
+    gradient inside the matmul; elsewhere each goes through a 16-bit partial of the matrix, 2 bytes more an element
+    of it once the float32 rows are gone."""
+    from engine.losses import FLOAT32_ROWS
+
     e = 2 if dtype in ("bfloat16", "float16") else 4
     V, C = config.vocab_size, config.n_embd
     if chunk:
@@ -145,7 +149,7 @@ def loss_bytes(config, B, T, dtype, chunk=0):
         grad_h = B * T * C * 4  # the gradient of the hidden states the backward fills
         if e == 4:
             return rows * V * 4 + V * C * 4 + grad_h
-        return max(rows * V * 6 + V * C * 6, rows * V * 2 + V * C * 8) + grad_h
+        return rows * V * 2 + min(rows, FLOAT32_ROWS) * V * 4 + V * C * 6 + grad_h
     return B * T * V * max(e + (8 if e == 2 else 4), 12)
 
 
@@ -167,7 +171,7 @@ def estimate(cfg, model, world, T, dtype, batch_size=None, mode=None, activation
     rows = B * pair
     # the rows a rank takes per optimizer step, whatever the micro-batch (accumulation keeps the global batch)
     step_rows = max(1, cfg.batch_size * cfg.gradient_accumulation_steps // world)
-    chunk = cfg.loss_chunk_size if cfg.objective != "dpo" else 0  # DPO's forward has no targets
+    chunk = mc.loss_chunk_size if cfg.objective != "dpo" else 0  # DPO's forward has no targets
     if eval_only:
         tail = 0
         parts = {"params": state["params"], "grads": 0, "optimizer": 0, "activations": 0, "recompute": 0,
@@ -179,8 +183,6 @@ def estimate(cfg, model, world, T, dtype, batch_size=None, mode=None, activation
         # block's full set again while it is recomputed
         acts = mc.n_layer * (block_input if ac else block) + tail
         parts = dict(state)
-        if mode != "fsdp" and world > 1:
-            parts["ddp_buckets"] = state["grads"]  # DDP's flat copy of the gradients beside .grad
         # the step's int64 inputs and targets: all its micro-batches are taken at once
         parts.update({"activations": acts, "recompute": block if ac else 0,
                       "loss": loss_bytes(mc, rows, T, dtype, chunk), "batches": step_rows * pair * T * 16})

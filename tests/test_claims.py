@@ -149,8 +149,11 @@ def check_against_a_hand_step(dataset, out, cfg, rows_per_micro, micro_steps):
         assert logged[it + 1]["loss"] == pytest.approx(loss.item(), rel=1e-5)
         assert logged[it + 1]["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)  # before clipping
     saved = load_checkpoint(list_checkpoints(out)[-1])["model"]
+    # AdamW divides each gradient by its own running scale, so an element whose gradient is near zero turns the
+    # float noise of another summation order (accumulation, ranks, the CPU's kernels) into a visible share of its
+    # update: 1% of the largest update a step makes (lr) allows that, and is far below what a wrong step moves
     for name, p in model.named_parameters():
-        torch.testing.assert_close(saved[name], p.detach(), rtol=1e-4, atol=2e-6)
+        torch.testing.assert_close(saved[name], p.detach(), rtol=1e-4, atol=0.01 * cfg.learning_rate)
 
 
 @pytest.mark.parametrize("layout", [(8, 1), (4, 2), (2, 4), (1, 8)])

@@ -279,3 +279,34 @@ def test_slurm_script_checkpoints_on_the_warning_signal_requeues_and_resumes(dat
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert run_log(out)["summary"]["status"] == "completed"
     close(losses(reference), losses(out))
+
+
+DDP_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+from engine import distributed as D
+from engine.config import parse_args
+from model import GPT, ModelConfig
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+model = GPT(ModelConfig.from_preset("tiny_llama3", vocab_size=64))
+ddp, owner = D.parallelize(model, parse_args(["--device=cpu", *sys.argv[2:]]), D.Dist(world_size=2), "cpu",
+                           "float32")
+x = torch.randint(0, 64, (2, 16))
+for _ in range(2):  # the second backward refills the same buckets
+    ddp(x, x)[1].backward()
+grads = [p.grad for p in owner.parameters()]
+print(len(grads), len({g.untyped_storage().data_ptr() for g in grads}), ddp.broadcast_buffers,
+      ddp.bucket_bytes_cap)
+"""
+
+
+@pytest.mark.parametrize("extra, cap", [([], 25), (["--ddp_bucket_cap_mb=7"], 7)])
+def test_ddp_gradients_are_views_into_its_buckets(tmp_path, extra, cap):
+    """No second copy of the gradients beside DDP's all-reduce buckets: every gradient is a view into a bucket
+    (the tiny model's fit in one), and the constant buffers are not broadcast before each forward."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    res = ok(subprocess.run([sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "init"), *extra], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120))
+    n, storages, broadcast, cap_bytes = res.stdout.split()
+    assert int(n) > 10 and int(storages) == 1 and broadcast == "False"
+    assert int(cap_bytes) == cap * 1024 * 1024

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from engine.losses import chunked_cross_entropy
+import engine.losses
+from engine.losses import _add_matmul, chunked_cross_entropy
 
 
 def problem(N=100, C=24, V=300, dtype=torch.float32, seed=0):
@@ -99,6 +100,70 @@ def test_autocast_bfloat16_cpu(backward_in_autocast):
     assert (loss - F.cross_entropy(h @ w.T, t)).abs() > 1e-4
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rows_of_a_chunk_in_float32_blocks(monkeypatch, autocast):
+    """A chunk's float32 work goes FLOAT32_ROWS rows at a time (7 here: blocks of 7 and a last shorter one)."""
+    monkeypatch.setattr(engine.losses, "FLOAT32_ROWS", 7)
+    h, w, t = problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want = reference(h, w, t)
+        for chunk_size in (32, 100):
+            got = chunked(h, w, t, chunk_size)
+            # (under autocast the plain path rounds the whole weight gradient to bfloat16 once, as in the test above)
+            for a, b, atol in zip(got, want, (1e-5, 1e-5, 1e-3) if autocast else (1e-6,) * 3):
+                torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def test_confident_targets_keep_their_gradient_in_bfloat16():
+    """Where the target's probability p is near 1, its logit's gradient p - 1 is small: computed from p rounded to
+    bfloat16 it would be 0 or -2^-8. The plain path computes it in float32 and rounds it once; so does ours."""
+    h, w, t = problem(N=64, C=32, V=200)
+    with torch.no_grad():
+        w *= 4
+        t = (h @ w.T).argmax(dim=1)
+        t[::5] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(h, w).float()
+        want = F.cross_entropy(logits, t)
+        loss = chunked_cross_entropy(h, w, t, chunk_size=24)
+    assert logits.softmax(dim=1).max() > 0.9999
+    got_grads, want_grads = torch.autograd.grad(loss, (h, w)), torch.autograd.grad(want, (h, w))
+    torch.testing.assert_close(got_grads[0], want_grads[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_grads[1], want_grads[1], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("factor", [-3.0, 0.0])
+def test_gradient_of_a_negative_or_zero_multiple(factor):
+    """The backward takes the incoming gradient's size into the exponent and its sign onto the (n, C) operands."""
+    h, w, t = problem()
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            got = torch.autograd.grad(factor * chunked_cross_entropy(h, w, t, chunk_size=32), (h, w))
+            want = torch.autograd.grad(factor * F.cross_entropy((h @ w.T).float(), t), (h, w))
+        for a, b, atol in zip(got, want, (1e-6, 1e-6) if dtype == torch.float32 else (3e-5, 3e-3)):
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+        assert factor != 0 or all(g.abs().sum() == 0 for g in got)
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_matmul_adds_into_the_float32_sum(device, dtype):
+    """acc += a @ b in place, float32 acc, a and b in dtype (on CUDA with bfloat16: addmm with out_dtype)."""
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(40, 24, generator=g).to(device)
+    a, b = (torch.randn(*shape, generator=g).to(device, dtype) for shape in ((40, 32), (32, 24)))
+    want = acc.double() + a.double() @ b.double()
+    ptr = acc.data_ptr()
+    _add_matmul(acc, a, b)
+    assert acc.dtype == torch.float32 and acc.data_ptr() == ptr
+    # a bfloat16 partial (the CPU's) rounds the product to 8 bits; the float32 sum, and CUDA's, keep 24
+    torch.testing.assert_close(acc.double(), want, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.1)
+
+
 class LargestOutput(TorchDispatchMode):
     """Records the largest number of elements of any tensor an aten op returns."""
 
@@ -143,6 +208,26 @@ def test_one_chunk_of_logits_is_alive_at_a_time():
     assert mem.peak < 1.5 * one + 4 * V * C + 4 * N * C  # and the weight's and the hidden states' gradients
 
 
+def test_bfloat16_holds_the_chunk_in_16_bits_and_float32_rows_at_a_time():
+    """Under bfloat16 autocast a chunk's logits and then its gradient are one 16-bit (n, V) buffer, beside float32
+    work on FLOAT32_ROWS rows at a time, where a float32 copy of the whole chunk was (6 bytes a logit, 8 inside
+    logsumexp). Beside those: the weight's 16-bit copy and float32 gradient, the CPU's 16-bit partial of it, and
+    the hidden states' gradient."""
+    from tools.bench import TensorMemory
+
+    N, C, V = 1024, 16, 1000
+    chunk, rows = 1024, engine.losses.FLOAT32_ROWS
+    h, w, t = problem(N=N, C=C, V=V)
+    with TensorMemory() as mem:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(h, w, t, chunk_size=chunk)
+        forward = mem.peak
+        loss.backward()
+    logits, f32_rows = 2 * chunk * V, 4 * rows * V
+    assert logits + f32_rows <= forward < logits + f32_rows + 2 * V * C + 64 * N
+    assert mem.peak < logits + f32_rows + 8 * V * C + 4 * N * C + 64 * N
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_compiled_keeps_no_logits_for_backward(autocast):
     """Under torch.compile the chunk loops are opaque operators: the compiler cannot keep forward's chunk logits
@@ -165,6 +250,48 @@ def test_compiled_keeps_no_logits_for_backward(autocast):
     assert saved and max(saved) <= V * C  # the weight is the largest; one chunk's logits would be 64,000
     for a, b in zip(got, (want, *torch.autograd.grad(want, (h, w)))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bytes_moved_counts_operands_once_by_hand():
+    from tools.bench_loss_memory import BytesMoved
+
+    a, b, c = torch.ones(10), torch.ones(10), torch.empty(10)
+    x, idx, rows = torch.ones(4, 10), torch.tensor([[1], [2], [3], [4]]), torch.arange(4)
+    cases = [
+        (lambda: a + b, 3 * 40),  # two read, one written
+        (lambda: c.add_(a), 3 * 40),  # in place: c read and written
+        (lambda: torch.mul(a, b, out=c), 3 * 40),  # out= is written, not read
+        (lambda: (x.view(10, 4), x.t(), x[1:3], x[:, 0], a.expand(3, 10), x.detach()), 0),  # views move nothing
+        (lambda: c.copy_(a.bfloat16()), (40 + 20) + (20 + 40)),  # the cast, then a copy that does not read c
+        (lambda: a.bfloat16() - b, (40 + 20) + (20 + 40 + 40)),  # 16 bits and float32 into float32 in one pass
+        (lambda: x.gather(1, idx), 4 * 8 + 2 * 4 * 4),  # the index, and the four elements it names
+        (lambda: x.index_put_((rows, rows), b[:4]), 2 * 4 * 8 + 16 + 2 * 4 * 4),
+        (lambda: torch.logsumexp(x, 1), 6 * 160 + 16),  # amax, sub, exp_, sum inside the kernel
+    ]
+    for op, want in cases:
+        with BytesMoved() as moved:
+            op()
+        assert moved.bytes == want
+
+
+def test_moves_fewer_bytes_per_logit_than_its_previous_version():
+    """Bytes moved per logit element, forward and backward, fitted over small shapes (tools/bench_loss_memory.py
+    --compare runs the same at a larger shape, with time and memory)."""
+    from tools.bench_loss_memory import fitted, reference_v1
+
+    per_logit = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, fn in (("previous", reference_v1), ("now", chunked_cross_entropy)):
+            coef, residual = fitted(fn, dtype)
+            assert residual < 1  # the same ops at every shape
+            per_logit[name, dtype] = round(coef[0].item())
+    # by hand, bfloat16: forward 22 = the matmul writing the logits 2, amax 2, float32 logits - max 2 + 4, exp_ 4 + 4,
+    # sum 4; backward 18 = the logits 2, logits - shift 2 + 4, exp into their 16-bit buffer 4 + 2, the two matmuls
+    # reading it 2 + 2. Before, 74: the same matmuls 8, two float32 copies and the cast back 6 each, logsumexp's 24
+    # inside, sub_, exp_ and mul_ in place 8 each
+    assert per_logit["now", torch.bfloat16] == 22 + 18 < per_logit["previous", torch.bfloat16] == 74
+    # float32, all in place: forward 28 = 4 + 4 + 8 + 8 + 4, backward 28 = 4 + 8 + 8 + 4 + 4; before, mul_'s 8 more
+    assert per_logit["now", torch.float32] == 28 + 28 < per_logit["previous", torch.float32] == 64
 
 
 def test_rejects_bad_shapes():

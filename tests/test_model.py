@@ -217,3 +217,41 @@ def test_cuda_bf16_backends_match_manual(backend, preset):
         b, _ = fast(idx)
     assert (a.float() - b.float()).abs().max() < 5e-2
     assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("preset", ["tiny_gpt2", "tiny_llama", "tiny_llama3", "tiny_qwen3"])
+def test_buffers_are_constants_that_training_leaves_alone(preset):
+    """What lets DDP skip broadcasting buffers before every forward (broadcast_buffers=False): a model's buffers
+    are the same on a freshly built copy and after a training step."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset(preset, vocab_size=64))
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    torch.manual_seed(1)
+    fresh = dict(GPT(ModelConfig.from_preset(preset, vocab_size=64)).named_buffers())
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]) and torch.equal(b, fresh[n]), n
+
+
+def test_cumulative_seqlens_are_the_runs_of_each_row():
+    """flash_attn_2's cu_seqlens, as the data pipeline computes them: a sequence per run of equal segment ids (the
+    padding's -1 too), never continuing into the next row, even where the next row starts with the same id."""
+    from engine.attention import cumulative_seqlens
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        B, T = torch.randint(1, 5, (2,), generator=g).tolist()
+        T += 3
+        seg = torch.randint(-1, 3, (B, T), generator=g).sort(dim=1).values  # runs, as packed rows have them
+        seg[1:, 0] = seg[:-1, -1]  # each row starts with the id the row before ends with
+        want, pos = [0], 0
+        for row in seg.tolist():
+            for t in range(1, T + 1):
+                if t == T or row[t] != row[t - 1]:
+                    want.append(pos + t)
+            pos += T
+        got = cumulative_seqlens(seg)
+        assert got.dtype == torch.int32 and got.tolist() == want, (seg, got, want)

@@ -11,8 +11,9 @@ from conftest import ROOT
 import train
 from engine import distributed as D
 from engine.config import parse_args
+from engine.losses import loss_chunk_size
 from engine.plan import GB, estimate, shard_rows, state_bytes, zero1_partition
-from model import GPT
+from model import GPT, ModelConfig
 from tools import plan as plan_tool
 from tools.bench import TensorMemory, data_vocab
 
@@ -124,6 +125,40 @@ def test_every_pretraining_recipe_fits_the_gpus_its_comment_names(name):
     assert cfg.batch_size * cfg.gradient_accumulation_steps == 1536  # the guide's global batch: 24 x 64 rows
     if model.config.vocab_size >= 100_000:
         assert cfg.loss_chunk_size > 0  # never the full float32 logits of a 128K+ vocabulary
+
+
+# the models the post-training recipes start from, as their published config.json files give them (they come from
+# init_from, so no preset names them)
+LLAMA31_8B = dict(n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336, vocab_size=128256,
+                  norm="rmsnorm", mlp="swiglu", pos_encoding="rope", rope_theta=500000.0, rope_scaling_factor=8.0,
+                  bias=False, tie_embeddings=False)
+OLMO2_7B = dict(n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, intermediate_size=11008, vocab_size=100352,
+                norm="rmsnorm", mlp="swiglu", pos_encoding="rope", rope_theta=500000.0, qk_norm=True, bias=False,
+                tie_embeddings=False)
+
+
+@pytest.mark.parametrize("files, shape", [(["sft_tulu3"], LLAMA31_8B), (["sft_tulu3", "sft_tulu3_10pct"], LLAMA31_8B),
+                                          (["dpo_tulu3"], LLAMA31_8B), (["dpo_tulu3", "dpo_tulu_10pct"], LLAMA31_8B),
+                                          (["dpo_olmo3_instruct"], OLMO2_7B)])
+def test_every_post_training_recipe_fits_the_gpus_its_comment_names(files, shape):
+    """The SFT and DPO recipes, at the longest row their data may hold (max_seq_length), on the model they start
+    from; the base recipe's comment gives the planner's figure, the 10% overlays must fit the same GPUs."""
+    paths = [os.path.join(ROOT, "config", f"{f}.py") for f in files]
+    text = open(paths[0]).read()
+    sized = re.search(r"# Sized for (\d+) x (\S+) ", text)
+    said = re.search(r"about ([\d.]+) GB per GPU", text)
+    assert sized and said, "the recipe's comment names its GPUs and the planner's figure"
+    cfg = parse_args(paths)
+    with torch.device("meta"):
+        mc = ModelConfig(**shape, block_size=cfg.max_seq_length,
+                         loss_chunk_size=loss_chunk_size(cfg.loss_chunk_size, shape["vocab_size"]))
+        model = GPT(mc)
+    est = estimate(cfg, model, int(sized[1]), cfg.max_seq_length, "bfloat16")
+    if len(files) == 1:
+        assert round(est["total"] / GB, 1) == float(said[1])
+    assert est["total"] <= 0.9 * plan_tool.gpu_memory(sized[2])
+    if cfg.objective == "sft":
+        assert mc.loss_chunk_size > 0  # never the full float32 logits of the 128K vocabulary
 
 
 @pytest.mark.parametrize("extra", [["--preset=tiny_llama3"], ["--preset=tiny_gpt2", "--attention_backend=manual"]])

@@ -288,3 +288,65 @@ def test_sft_from_a_transformers_dir_exports_back(chat, tmp_path):
         assert (hf(idx).logits - ours(idx)[0]).abs().max() < 1e-4
         assert not torch.allclose(hf(idx).logits, base.eval()(idx).logits, atol=1e-3)  # it did train
     assert (tmp_path / "exported" / "tokenizer.json").exists() or (tmp_path / "exported" / "vocab.json").exists()
+
+
+class DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops that make a CUDA host wait for the GPU, because their result's size or value must reach the host:
+    nonzero, boolean masks, .item(), unique. On the CPU they are visible all the same."""
+
+    SIZED = {"nonzero", "masked_select", "_local_scalar_dense", "unique_dim", "_unique2", "unique_consecutive",
+             "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        flat = [*args, *(kwargs or {}).values()]
+        bool_index = name == "index" and any(t is not None and t.dtype == torch.bool for t in flat[1])
+        if name in self.SIZED or bool_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective", ["pretrain", "sft", "dpo"])
+def test_a_training_step_reads_nothing_back_from_the_device(chat, tmp_path, monkeypatch, objective):
+    """engine/step.py's forward_backward, as train.py runs it (SFT packed, with per-example attention; DPO with its
+    cached reference), runs no op whose output the host must wait for: the step's numbers arrive one step late."""
+    args = SFT + [f"--out_dir={tmp_path}", "--max_iters=3", "--eval_interval=3"]
+    if objective == "pretrain":
+        from conftest import write_dataset
+
+        args = [a for a in args if not a.startswith(("--objective", "--tokenizer", "--max_seq_length"))]
+        args += [f"--dataset={write_dataset(str(tmp_path / 'data'))}", "--vocab_size=64"]
+    else:
+        args += [f"--objective={objective}", f"--dataset={chat / f'{objective}.jsonl'}"]
+        args += ["--packing=True"] if objective == "sft" else []
+    steps, real = [], train.forward_backward
+
+    def watched(*a, **k):
+        with DeviceReads() as mode:
+            pending = real(*a, **k)
+        steps.append(mode.found)
+        return pending
+
+    monkeypatch.setattr(train, "forward_backward", watched)
+    train.main(parse_args(args), log=lambda *a: None)
+    assert len(steps) == 3 and steps == [[], [], []]
+
+
+def test_packed_sft_batches_bring_their_cu_seqlens_from_the_host(chat):
+    from engine.attention import cumulative_seqlens
+    from engine.objectives import SFTTask
+
+    cfg = parse_args(SFT + [f"--dataset={chat / 'sft.jsonl'}", "--packing=True"])
+    task = SFTTask(cfg, get_tokenizer("gpt2"), 64, log=lambda *a: None)
+    b = task.batch(0, 0)
+    assert torch.equal(b["cu_seqlens"], cumulative_seqlens(b["segments"])) and len(b["cu_seqlens"]) > cfg.batch_size + 1
+    seen = {}
+    monkey = GPT(ModelConfig.from_preset("tiny_gpt2", vocab_size=50304, block_size=64))
+    real = monkey.blocks[0].attn.attend
+    monkey.blocks[0].attn.attend = lambda *a, **k: seen.update(k) or real(*a, **k)
+    task.loss(monkey, b)
+    assert seen["cu_seqlens"] is b["cu_seqlens"]

@@ -48,7 +48,7 @@ def test_the_step_is_the_token_weighted_mean_over_micro_batches():
     model, opt = model_and_optimizer()
     micro = batches()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    res = forward_backward(model, model, MaskedTokens(), micro, nullcontext(), scaler, opt, grad_clip=0.0)
+    res = forward_backward(model, model, MaskedTokens(), micro, nullcontext(), scaler, opt, grad_clip=0.0).result()
     grads = [p.grad.clone() for p in model.parameters()]
 
     # the reference: one cross-entropy over every target token of the step, computed directly from the logits
@@ -69,7 +69,7 @@ def test_the_step_clips_and_reports_the_norm_before_clipping():
     model, opt = model_and_optimizer()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     res = forward_backward(model, model, MaskedTokens(), batches(), nullcontext(), scaler, opt, grad_clip=1e-3,
-                           flags=(1, 0))
+                           flags=(1, 0)).result()
     after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     assert res.grad_norm > 1e-2 and after == pytest.approx(1e-3, rel=1e-4)
     assert res.flags == [1.0, 0.0]

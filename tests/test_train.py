@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -391,3 +392,128 @@ def test_the_demo_config_learns(dataset, tmp_path):
     evals = json.load(open(res["run_log"]))["evals"]
     assert [e["iter"] for e in evals] == [0, 40]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals
+
+
+# ----------------------------------------------------------------------------------------------------------
+# defer_step_stats: a step's numbers read once the next step is launched, logged and checked as if read at once
+
+TIMING = {"dt_ms", "data_wait_ms", "tokens_per_sec", "tokens_per_sec_per_device", "mfu", "memory_allocated_gb",
+          "memory_reserved_gb"}
+
+
+def comparable(doc):
+    """What a run log says of the training, without what depends on timing."""
+    steps = [{k: v for k, v in r.items() if k not in TIMING} for r in doc["training_iterations"]]
+    return {"training_iterations": steps,
+            "evals": doc["evals"], "gradient_norms": doc["gradient_norms"], "health": doc["health"],
+            "status": doc["summary"]["status"], "per_rank_bytes": doc["summary"]["per_rank_bytes"]}
+
+
+def launches_and_reads(monkeypatch):
+    """The order in which train.py launches steps and reads their numbers: ["launch 1", "read 1", ...]."""
+    from engine.step import PendingStep
+
+    events, real_fb, real_result = [], train.forward_backward, PendingStep.result
+
+    def launch(*args, **kwargs):
+        pending = real_fb(*args, **kwargs)
+        pending.n = sum(e.startswith("launch") for e in events) + 1
+        events.append(f"launch {pending.n}")
+        return pending
+
+    def read(self):
+        if f"read {self.n}" not in events:
+            events.append(f"read {self.n}")
+        return real_result(self)
+
+    monkeypatch.setattr(train, "forward_backward", launch)
+    monkeypatch.setattr(PendingStep, "result", read)
+    return events
+
+
+def test_deferred_step_numbers_log_and_check_the_same_as_immediate_ones(dataset, tmp_path, monkeypatch):
+    args = ["--max_iters=12", "--eval_interval=6", "--gradient_log_interval=5", "--grad_clip=0.05",
+            "--keep_last_n_checkpoints=5"]
+    events = launches_and_reads(monkeypatch)
+    now, _ = run(dataset, tmp_path / "now", *args, "--defer_step_stats=False")
+    assert events[:4] == ["launch 1", "read 1", "launch 2", "read 2"]  # each step read before the next
+    events.clear()
+    late, _ = run(dataset, tmp_path / "late", *args)
+    # read at once: the first step (its byte counts), gradient-norm steps (5, 10), evaluations (6, 12); every
+    # other step once the next is launched
+    order = " ".join(events)
+    assert order == ("launch 1 read 1 launch 2 launch 3 read 2 launch 4 read 3 launch 5 read 4 read 5 launch 6 read 6 "
+                     "launch 7 launch 8 read 7 launch 9 read 8 launch 10 read 9 read 10 launch 11 launch 12 read 11 "
+                     "read 12")
+    a, b = (json.load(open(r["run_log"])) for r in (now, late))
+    assert comparable(a) == comparable(b)
+    assert [r["iter"] for r in b["training_iterations"]] == list(range(1, 13))
+    for x, y in zip(list_checkpoints(tmp_path / "now"), list_checkpoints(tmp_path / "late")):
+        assert os.path.basename(x) == os.path.basename(y)
+        for k, v in load_checkpoint(x)["model"].items():
+            assert torch.equal(v, load_checkpoint(y)["model"][k]), k
+
+
+@pytest.mark.parametrize("poisoned_step", [6, 7])  # 6: found once step 7 is launched; 7: at once, step 8 evaluates
+def test_a_deferred_step_that_diverges_stops_the_run_as_an_immediate_one(dataset, tmp_path, monkeypatch,
+                                                                          poisoned_step):
+    calls = {"n": 0}
+    real = PretrainTask.loss
+
+    def poisoned(self, model, batch):
+        calls["n"] += model.training
+        loss, metrics = real(self, model, batch)
+        return (loss * float("nan") if calls["n"] == poisoned_step else loss), metrics
+
+    monkeypatch.setattr(PretrainTask, "loss", poisoned)
+    docs = []
+    for mode in ("False", "True"):
+        calls["n"] = 0
+        out = tmp_path / mode
+        with pytest.raises(TrainingDiverged, match=rf"iter {poisoned_step} .*ckpt_0000004"):
+            run(dataset, out, "--max_iters=10", "--eval_interval=4", "--gradient_log_interval=0",
+                f"--defer_step_stats={mode}")
+        assert [os.path.basename(p) for p in list_checkpoints(out)] == ["ckpt_0000004"]
+        docs.append(json.load(open(next(out.glob("run_*.json")))))
+    assert comparable(docs[0]) == comparable(docs[1])
+    assert docs[1]["health"][-1]["iter"] == poisoned_step and docs[1]["summary"]["status"] == "diverged"
+    assert "tok_emb.weight" in docs[1]["health"][-1]["nonfinite_grads"]
+    assert docs[1]["training_iterations"][-1]["iter"] == poisoned_step - 1
+
+
+def test_tf32_is_a_cuda_switch_that_leaves_cpu_numerics_alone():
+    before = torch.get_float32_matmul_precision()
+    hw = train.setup_device(parse_args(["--device=cpu", "--dtype=float32", "--allow_tf32=True"]), D.Dist())
+    assert torch.get_float32_matmul_precision() == before and "TF32" not in hw.dtype_reason
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tf32_switch_on_cuda():
+    try:
+        hw = train.setup_device(parse_args(["--device=cuda", "--dtype=float32"]), D.Dist())
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+        assert "TF32 matmuls" in hw.dtype_reason
+        train.setup_device(parse_args(["--device=cuda", "--dtype=float32", "--allow_tf32=False"]), D.Dist())
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("preset, given, want", [("full_qwen3_1.8b_optimal", None, 1024),
+                                                 ("full_llama3_1.5b_optimal", None, 1024),
+                                                 ("full_llama3_1.5b_optimal", 0, 0), ("gpt2", None, 0),
+                                                 ("gpt2", 512, 512)])
+def test_large_vocabularies_get_the_chunked_loss_by_default(preset, given, want):
+    """Never the full float32 logits of a 128K-152K vocabulary unless a run asks for them (loss_chunk_size=0), under
+    every wrapping (the model computes its own loss); the resolved value is what the run records."""
+    args = [f"--preset={preset}", "--device=cpu"] + ([] if given is None else [f"--loss_chunk_size={given}"])
+    cfg = parse_args(args)
+    mc = train.model_config(cfg, 256, "sdpa")
+    assert mc.loss_chunk_size == want
+    task = types.SimpleNamespace(iters_per_epoch=None)
+    assert train.settle_config(cfg, task, None, mc, print).loss_chunk_size == want
+    # a resumed run or a fine-tuned checkpoint decides by its own vocabulary
+    with torch.device("meta"):
+        model = train.build_model(cfg, 256, "sdpa", train.Start("resume", "x", {"model_config": mc.to_dict()}))
+    assert model.config.loss_chunk_size == want

@@ -92,7 +92,7 @@ def plan(cfg, gpus, memory, peak, mfu, tokens, margin=0.1):
     fpt = model.flops_per_token(T)
     out = {"config": {"batch_size": cfg.batch_size, "block_size": T, "gradient_accumulation_steps":
                       cfg.gradient_accumulation_steps, "optimizer": cfg.optimizer, "dtype": dtype,
-                      "loss_chunk_size": cfg.loss_chunk_size},
+                      "loss_chunk_size": model.config.loss_chunk_size},
            "gpus": gpus, "memory_per_gpu_bytes": memory, "margin": margin, "params": model.num_params(),
            "flops_per_token": fpt, "modes": rows}
     if peak and mfu:
@@ -110,7 +110,7 @@ def report(p, out=print):
         f"{c['gradient_accumulation_steps']} micro-steps per optimizer step in the job, {c['optimizer']}, "
         f"{c['dtype']}, loss_chunk_size {c['loss_chunk_size']}, {p['gpus']} GPU(s)"
         + (f" of {fmt_gb(p['memory_per_gpu_bytes'])} GB" if p["memory_per_gpu_bytes"] else ""))
-    names = ["params", "grads", "ddp_buckets", "optimizer", "fsdp_gathered", "activations", "recompute", "loss",
+    names = ["params", "grads", "optimizer", "fsdp_gathered", "activations", "recompute", "loss",
              "batches", "allowance"]
     out("| mode | act. ckpt | " + " | ".join(names) + " | total GB | fits | largest batch | "
         "batch x accumulation at the config's rows per step |")

@@ -594,6 +594,13 @@ def check_step(job, prog, s):
     return s.result
 
 
+def finish(job, prog, s):
+    """check_step, then report: a step read, checked and logged."""
+    result = check_step(job, prog, s)
+    report(job, prog, s)
+    return result
+
+
 def report(job, prog, s):
     """A checked step's time and its log record. Its time runs from the later of its iteration's start and the end
     of the step before (the host starts an iteration while the device still runs the previous step's kernels)."""
@@ -684,8 +691,7 @@ def train(job, prog, stop):
             checked = []
             if not cfg.defer_step_stats or evaluating or scoring or norms or prog.per_rank is None:
                 if pending:  # read in order: the previous step first
-                    checked.append(check_step(job, prog, pending))
-                    report(job, prog, pending)
+                    checked.append(finish(job, prog, pending))
                     pending = None
                 checked.append(check_step(job, prog, step))  # a non-finite step stops here, before its update
             if norms:
@@ -702,15 +708,12 @@ def train(job, prog, stop):
                 D.set_timeout(cfg.dist_timeout_minutes)  # start-up and first compilation are behind us
             bar.update(1)
             if pending:  # the previous step's kernels ran before this one's: reading it does not stall the device
-                checked.append(check_step(job, prog, pending))
-                report(job, prog, pending)
+                checked.append(finish(job, prog, pending))
             pending = step
             stops = sum(r.flags[0] for r in checked)
             if step.result is not None or stops:  # a stop saves this step: it is read now
-                check_step(job, prog, step)
-                report(job, prog, step)
+                stops += finish(job, prog, step).flags[0]
                 pending = None
-                stops = stops or step.result.flags[0]
             if evaluating:
                 prog.last_losses, improved = run_eval(job, prog, iter_num)
                 if improved or cfg.always_save_checkpoint:
@@ -734,8 +737,7 @@ def train(job, prog, stop):
         # a step that ended before a failure keeps its record, if its numbers can be read without waiting
         if pending is not None and pending.result is None and pending.pending.ready():
             try:
-                check_step(job, prog, pending)
-                report(job, prog, pending)
+                finish(job, prog, pending)
             except Exception:  # noqa: BLE001 the failure already raised is the one to report
                 pass
         batches.close()

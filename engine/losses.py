@@ -107,20 +107,21 @@ def _backward(grad_total, hidden, weight, targets, lse, chunk_size, ignore_index
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Eager autograd: the summed loss; its backward recomputes each chunk's logits."""
+    """Eager autograd: the summed loss; its backward recomputes each chunk's logits. `loops` are the chunk loops
+    (tools/bench_loss_memory.py passes an earlier version's to compare them)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, dtype):
-        total, lse = _forward(hidden, weight, targets, chunk_size, ignore_index, dtype)
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, dtype, loops=(_forward, _backward)):
+        total, lse = loops[0](hidden, weight, targets, chunk_size, ignore_index, dtype)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.args = chunk_size, ignore_index, dtype
+        ctx.args, ctx.backward_loop = (chunk_size, ignore_index, dtype), loops[1]
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         hidden, weight, targets, lse = ctx.saved_tensors
-        grads = _backward(grad_total, hidden, weight, targets, lse, *ctx.args, *ctx.needs_input_grad[:2])
-        return *grads, None, None, None, None
+        grads = ctx.backward_loop(grad_total, hidden, weight, targets, lse, *ctx.args, *ctx.needs_input_grad[:2])
+        return *grads, None, None, None, None, None
 
 
 # Under torch.compile the two loops are custom operators, which the compiler calls as opaque units: traced as plain

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from engine.losses import chunked_cross_entropy
+from engine.losses import ChunkedCrossEntropy, chunked_cross_entropy
 from tools.bench import TensorMemory, measure
 
 GB = 1e9
@@ -213,25 +213,11 @@ def _backward_v1(grad_total, hidden, weight, targets, lse, chunk_size, ignore_in
     return grad_h, grad_w.to(weight.dtype) if need_w else None
 
 
-class _ChunkedCrossEntropyV1(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, dtype):
-        total, lse = _forward_v1(hidden, weight, targets, chunk_size, ignore_index, dtype)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.args = chunk_size, ignore_index, dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grads = _backward_v1(grad_total, hidden, weight, targets, lse, *ctx.args, *ctx.needs_input_grad[:2])
-        return *grads, None, None, None, None
-
-
 def reference_v1(hidden, weight, targets, chunk_size, ignore_index=-100):
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-    total = _ChunkedCrossEntropyV1.apply(hidden, weight, targets, chunk_size, ignore_index, dtype)
+    total = ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, dtype,
+                                      (_forward_v1, _backward_v1))
     return total / (targets != ignore_index).sum().clamp(min=1)
 
 
